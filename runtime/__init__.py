@@ -1,0 +1,1 @@
+"""Consort's runtime: everything that computes, in one process, with no Ray."""

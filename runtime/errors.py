@@ -1,0 +1,64 @@
+"""Every failure a user can meet, as an explicit type with a message that says what to do.
+
+The HTTP layer maps these to OpenAI-shaped error bodies by `http_status`; the CLI
+prints `str(error)` on one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class ConsortError(Exception):
+    """Base of all Consort errors. `http_status` and `error_type` drive the HTTP mapping."""
+
+    http_status: int = 500
+    error_type: str = "internal_error"
+
+
+class ConfigError(ConsortError, ValueError):
+    """The configuration is inconsistent (unknown strategy, bad weights, unknown main member, ...)."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidRequest(ConsortError, ValueError):
+    """A request field is out of range or malformed."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt (plus max_tokens) does not fit a member's context window."""
+
+
+class ModelNotFound(ConsortError):
+    """A model reference names nothing that exists here (unknown alias, missing file, unreachable hub)."""
+
+    http_status = 404
+    error_type = "not_found_error"
+
+
+class ModelLoadError(ConsortError):
+    """A model file exists but cannot be loaded (corrupt GGUF, unsupported architecture)."""
+
+
+class Overloaded(ConsortError):
+    """The admission queue is full; retry later."""
+
+    http_status = 429
+    error_type = "rate_limit_error"
+
+
+class MemberLost(ConsortError):
+    """A member actor died while serving a request; the request cannot complete."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+
+    def __init__(self, member: str, detail: str = "") -> None:
+        self.member = member
+        super().__init__(
+            f"ensemble member {member!r} was lost{': ' + detail if detail else ''}; "
+            "it is being restarted, retry the request"
+        )

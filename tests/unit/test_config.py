@@ -1,0 +1,46 @@
+import pytest
+
+from runtime.config import default_config, load_config, members_config, parse_config
+from runtime.errors import ConfigError
+
+MEMBERS = [{"name": "a", "model": "tiny:smollm2-135m-instruct"}, {"name": "b", "model": "tiny:gemma3-270m"}]
+
+
+def test_default_config_is_the_packaged_pair() -> None:
+    config = default_config()
+    assert [m.model for m in config.members] == ["smollm2-135m-instruct", "gemma3-270m"]
+    assert config.main_member == "smollm2"
+
+
+def test_repository_ensemble_yaml_is_valid() -> None:
+    assert load_config("ensemble.yaml").strategy == "deepen"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"strategy": "median"}, "strategy"),
+        ({"main": "c"}, "main 'c' is not a member"),
+        ({"members": [{**MEMBERS[0], "weight": 0}, {**MEMBERS[1], "weight": 0}]}, "all member weights are zero"),
+        ({"members": [MEMBERS[0], MEMBERS[0]]}, "unique"),
+        ({"strategy": "me", "gate": {"threshold": 0.9}}, "gate applies"),
+        ({"members": [{**MEMBERS[0], "weight": -1}]}, "weight"),
+        ({"placement": "everywhere"}, "placement"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_bad_configs_fail_before_any_model_loads(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"members": MEMBERS, **change})
+
+
+def test_missing_config_file(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_members_config_names_duplicates_uniquely() -> None:
+    config = members_config(["tiny:gemma3-270m", "tiny:gemma3-270m"], "mean")
+    assert len({m.name for m in config.members}) == 2
+    with pytest.raises(ConfigError, match="2 weights"):
+        members_config(["a", "b", "c"], "mean", [1.0, 2.0])
