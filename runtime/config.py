@@ -56,7 +56,11 @@ class DeepenConfig(BaseModel):
     relative_top_k: int = Field(
         default=16, ge=1, description="How many of a member's most likely tokens are projected into relative space."
     )
-    max_anchors: int | None = Field(default=None, ge=1, description="Cap on anchor tokens (all shared tokens if unset).")
+    max_anchors: int | None = Field(
+        default=4096,
+        ge=1,
+        description="Anchor tokens used, most frequent first (None = every shared token, ≈46k for the default pair).",
+    )
     min_anchors: int = Field(default=1000, ge=1, description="Refuse members that share fewer anchor tokens than this.")
 
 

@@ -1,0 +1,288 @@
+"""The coordinator: the step loop for many requests at once, over member actors.
+
+It owns an `EnsembleCore` whose executor calls the member actors, one concurrent
+round per phase; requests join and leave between steps; each caller receives its
+text deltas from an async generator. It runs as a Ray actor (`CoordinatorActor`)
+for the CLI and jobs, and embedded in each Serve replica, which saves a hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.member import MemberActor
+from actors.metrics import EnsembleMetrics
+from actors.placement import Placement, from_current_group, reserve
+from runtime.config import EnsembleConfig
+from runtime.core import Delta, EnsembleCore, MemberInfo, RequestOptions, TokenLogprob
+from runtime.errors import ConsortError, MemberLost, Overloaded
+from runtime.prompts import Prompt
+from runtime.sampling import SamplingParams
+from runtime.worker import InvertWork, SeqResult, SeqWork
+
+log = logging.getLogger(__name__)
+
+MEMBER_RESTARTS = 3
+
+
+class RayExecutor:
+    """Member work as actor calls, each bounded by a timeout; a dead member becomes MemberLost."""
+
+    def __init__(self, actors: dict[str, Any], timeout_s: float) -> None:
+        self.actors = actors
+        self.timeout_s = timeout_s
+        self.lost: set[str] = set()
+
+    async def _call(self, member: str, method: str, *args: Any) -> Any:
+        try:
+            ref = getattr(self.actors[member], method).remote(*args)
+            return await asyncio.wait_for(ref, timeout=self.timeout_s)
+        except TimeoutError as error:
+            self.lost.add(member)
+            raise MemberLost(member, f"no answer to {method} within {self.timeout_s:g} s") from error
+        except RayActorError as error:
+            self.lost.add(member)
+            raise MemberLost(member, type(error).__name__) from error
+
+    async def step(self, member: str, works: list[SeqWork]) -> list[SeqResult]:
+        return await self._call(member, "step", works)
+
+    async def invert(self, member: str, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]:
+        return await self._call(member, "invert", works, steps, learning_rate)
+
+    async def release(self, member: str, seq_ids: list[str]) -> None:
+        if member not in self.lost:
+            await self._call(member, "release", seq_ids)
+
+
+class Coordinator:
+    """Continuous batching over one ensemble's member actors."""
+
+    def __init__(self, config: EnsembleConfig, *, in_serve_replica: bool = False, placement_timeout_s: float = 60.0) -> None:
+        self.config = config
+        self.placement: Placement = from_current_group(config) if in_serve_replica else reserve(config, placement_timeout_s)
+        self.actors = {m.name: self._start_member(m.name) for m in config.members}
+        infos: list[MemberInfo] = self._get([a.describe.remote() for a in self.actors.values()], 600.0)
+        self.executor = RayExecutor(self.actors, config.step_timeout_s)
+        self.core = EnsembleCore(config, infos, self.executor)
+        self._init_anchors(list(self.actors))
+        if config.strategy != "vote":
+            self.core.strategy(config.strategy)
+        self.metrics = EnsembleMetrics(config.name)
+        self._queues: dict[str, asyncio.Queue[Delta | BaseException]] = {}
+        self._cancelled: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # -- members -------------------------------------------------------------------------------
+    def _start_member(self, name: str) -> Any:
+        member = next(m for m in self.config.members if m.name == name)
+        gpus = self.placement.gpus
+        options: dict[str, Any] = {
+            "num_cpus": member.num_cpus,
+            "num_gpus": member.num_gpus if gpus else 0,
+            "max_restarts": MEMBER_RESTARTS,
+            "max_task_retries": 0,  # a step is not idempotent: never replay it on a restarted member
+            "scheduling_strategy": self.placement.strategy_for(name),
+        }
+        if gpus and "model_slot" in ray.cluster_resources():
+            options["resources"] = {"model_slot": member.num_gpus}
+        return ray.remote(MemberActor).options(**options).remote(self.config, name, gpus)
+
+    @staticmethod
+    def _get(refs: Any, timeout_s: float) -> Any:
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError as error:
+            raise ConsortError(f"members did not start within {timeout_s:g} s") from error
+
+    def _init_anchors(self, names: list[str]) -> None:
+        deepen, anchors = self.config.deepen, self.core.ctx.anchors
+        assert anchors is not None
+        self._get(
+            [self.actors[n].set_anchors.remote(anchors[n], deepen.temperature, deepen.relative_top_k) for n in names],
+            600.0,
+        )
+
+    async def _recover(self) -> None:
+        """After a member died: wait until Ray has restarted it, then give it its anchors again."""
+        deepen, anchors = self.config.deepen, self.core.ctx.anchors
+        assert anchors is not None
+        for name in sorted(self.executor.lost):
+            ref = self.actors[name].set_anchors.remote(anchors[name], deepen.temperature, deepen.relative_top_k)
+            try:
+                await asyncio.wait_for(ref, timeout=600.0)
+            except (RayActorError, TimeoutError) as error:
+                log.error("member %s did not come back: %s", name, error)
+                continue
+            self.executor.lost.discard(name)
+
+    # -- requests ------------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    def _check_capacity(self) -> None:
+        if len(self.core.waiting) >= self.config.max_queue:
+            self.metrics.errors.inc(tags=self.metrics.tagged(type="overloaded"))
+            raise Overloaded(f"{len(self.core.waiting)} requests are already waiting; retry shortly")
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, options: RequestOptions | None = None
+    ) -> AsyncIterator[Delta]:
+        """Admit one sequence and stream its deltas; leaving early frees it in every member."""
+        self._ensure_loop()
+        self._check_capacity()
+        seq_id = self.core.add(prompt, params, options)
+        strategy = (options.strategy if options else None) or self.config.strategy
+        self.metrics.requests.inc(tags=self.metrics.tagged(strategy=strategy))
+        async for delta in self._follow(seq_id, timed=True):
+            yield delta
+
+    async def score(self, context: Prompt, continuation: str, options: RequestOptions | None = None) -> list[TokenLogprob]:
+        """Log-probability of each piece of `continuation` (main member's tokens) after `context`, under the ensemble."""
+        self._ensure_loop()
+        self._check_capacity()
+        seq_id = self.core.add_scoring(context, continuation, options)
+        return [lp async for delta in self._follow(seq_id, timed=False) for lp in delta.logprobs]
+
+    async def prompt_logprobs(self, prompt_text: str, options: RequestOptions | None = None) -> list[TokenLogprob | None]:
+        """`echo` + `logprobs`: the prompt's tokens with their log-probs under the ensemble (the first has none)."""
+        main = self.core.ctx.main
+        tokenizer = self.core.members[main].tokenizer
+        ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        if len(ids) < 2:
+            return [None] * len(ids)
+        head = tokenizer.decode(ids[:1])
+        scored = await self.score(Prompt(text=head), prompt_text[len(head) :], options)
+        return [None, *scored]
+
+    async def _follow(self, seq_id: str, *, timed: bool) -> AsyncIterator[Delta]:
+        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        self._queues[seq_id] = queue
+        assert self._wake is not None
+        self._wake.set()
+        started, last, finished = time.perf_counter(), None, False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if timed:
+                    now = time.perf_counter()
+                    if last is None:
+                        self.metrics.ttft.observe(now - started, tags=self.metrics.tags)
+                    else:
+                        self.metrics.itl.observe(now - last, tags=self.metrics.tags)
+                    last = now
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(seq_id, None)
+            if not finished:
+                self._cancelled.add(seq_id)
+                if self._wake is not None:
+                    self._wake.set()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.core.has_work or self._cancelled:
+                if self._cancelled:
+                    cancelled, self._cancelled = self._cancelled, set()
+                    await self._abort(cancelled)
+                if not self.core.has_work:
+                    break
+                await self._step_once()
+
+    async def _abort(self, seq_ids: set[str]) -> None:
+        try:
+            await self.core.abort(list(seq_ids))
+        except MemberLost as error:
+            log.warning("while cancelling: %s", error)
+
+    async def _step_once(self) -> None:
+        if self.executor.lost:
+            await self._recover()
+        self.metrics.queue_depth.set(len(self.core.waiting), tags=self.metrics.tags)
+        try:
+            deltas = await self.core.step()
+        except MemberLost as error:
+            self._fail_running(error)
+            return
+        except Exception as error:
+            log.exception("ensemble step failed")
+            self._fail_running(error)
+            return
+        self._record(deltas)
+        for delta in deltas:
+            queue = self._queues.get(delta.seq_id)
+            if queue is not None:
+                queue.put_nowait(delta)
+
+    def _fail_running(self, error: BaseException) -> None:
+        failed = list(self.core.running)
+        self.core.running.clear()
+        kind = "member_lost" if isinstance(error, MemberLost) else "internal"
+        for seq_id in failed:
+            self.metrics.errors.inc(tags=self.metrics.tagged(type=kind))
+            queue = self._queues.get(seq_id)
+            if queue is not None:
+                queue.put_nowait(error)
+        live = [n for n in self.actors if n not in self.executor.lost]
+        for name in live:
+            self.actors[name].release.remote(failed)
+
+    def _record(self, deltas: list[Delta]) -> None:
+        stats = self.core.last_stats
+        tags = self.metrics.tags
+        self.metrics.steps.inc(stats.sequences, tags=tags)
+        if stats.fused:
+            self.metrics.fused_steps.inc(stats.fused, tags=tags)
+        for member, count in stats.draws.items():
+            self.metrics.draws.inc(count, tags=self.metrics.tagged(member=member))
+        for member, seconds in stats.member_seconds.items():
+            self.metrics.member_step.observe(seconds, tags=self.metrics.tagged(member=member))
+        self.metrics.fusion.observe(stats.fusion_seconds, tags=tags)
+        self.metrics.tokens.inc(len(deltas), tags=tags)
+        self.metrics.running.set(len(self.core.running), tags=tags)
+
+    # -- introspection (tests, benchmarks, health) --------------------------------------------
+    async def member_stats(self) -> dict[str, dict[str, float]]:
+        names = list(self.actors)
+        stats = await asyncio.gather(*(self.actors[n].stats.remote() for n in names))
+        return dict(zip(names, stats, strict=True))
+
+    async def member_nodes(self) -> dict[str, dict[str, str]]:
+        names = list(self.actors)
+        nodes = await asyncio.gather(*(self.actors[n].node.remote() for n in names))
+        return dict(zip(names, nodes, strict=True))
+
+    async def health(self) -> dict[str, Any]:
+        return {"members": await self.member_stats(), "waiting": len(self.core.waiting), "running": len(self.core.running)}
+
+    def member_actor(self, name: str) -> Any:
+        return self.actors[name]
+
+    def shutdown(self) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor, no_restart=True)
+        self.placement.remove()
+
+
+@ray.remote(num_cpus=0, max_concurrency=1000)
+class CoordinatorActor(Coordinator):
+    """The coordinator as a Ray actor: `generate` streams deltas as an ObjectRefGenerator."""

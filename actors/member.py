@@ -1,0 +1,65 @@
+"""The member actor: one model on its own device, wrapping a `MemberWorker`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import ray
+import torch
+
+from runtime.config import EnsembleConfig
+from runtime.core import MemberInfo
+from runtime.loop import load_worker, member_info, resolve_dtype
+from runtime.worker import InvertWork, SeqResult, SeqWork
+
+log = logging.getLogger(__name__)
+
+
+class MemberActor:
+    """Hosts one member. Restarted by Ray after a crash (max_restarts); the coordinator re-initialises it."""
+
+    def __init__(self, config: EnsembleConfig, name: str, gpus: bool) -> None:
+        member = next(m for m in config.members if m.name == name)
+        device = "cpu"
+        if gpus and torch.cuda.is_available():
+            device = "cuda"
+        elif gpus:
+            log.warning("member %s was given a GPU bundle but torch sees no CUDA device; running on CPU", name)
+        if device == "cpu":
+            torch.set_num_threads(member.threads)
+        self.worker = load_worker(config, name, device)
+        self.device = device
+        self.dtype = resolve_dtype(member.dtype, device)
+
+    def describe(self) -> MemberInfo:
+        return member_info(self.worker)
+
+    def set_anchors(self, anchor_ids: Sequence[int], temperature: float, relative_top_k: int) -> int:
+        return self.worker.set_anchors(anchor_ids, temperature, relative_top_k)
+
+    def step(self, works: list[SeqWork]) -> list[SeqResult]:
+        return self.worker.step(works)
+
+    def invert(self, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]:
+        return self.worker.invert(works, steps=steps, learning_rate=learning_rate)
+
+    def release(self, seq_ids: list[str]) -> None:
+        self.worker.release(seq_ids)
+
+    def stats(self) -> dict[str, float]:
+        engine = self.worker.engine
+        stats = engine.stats if isinstance(engine.stats, dict) else vars(engine.stats)
+        return {**stats, "held_sequences": self.worker.held_sequences, "engine_sequences": len(engine.seq_ids)}
+
+    def node(self) -> dict[str, str]:
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "device": self.device,
+            "pid": str(os.getpid()),
+        }
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,185 @@
+"""`consort`: serve, generate, eval, models, prepare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from runtime import models
+from runtime.config import EnsembleConfig, default_config, load_config, members_config
+from runtime.errors import ConfigError, ConsortError
+
+
+def _config_from_args(args: argparse.Namespace) -> EnsembleConfig:
+    if args.model and (args.members or args.config):
+        raise ConfigError("give one of --model, --members or --config")
+    if args.model:
+        config = members_config([args.model], "mean")
+    elif args.members:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+        config = members_config([m.strip() for m in args.members.split(",")], args.strategy or "deepen", weights)
+    elif args.config:
+        config = load_config(args.config)
+    else:
+        config = default_config()
+    updates: dict[str, object] = {}
+    if args.strategy and not args.members:
+        updates["strategy"] = args.strategy
+    if args.main:
+        updates["main"] = args.main
+    if args.gate is not None:
+        updates["gate"] = {"threshold": args.gate}
+    if updates:
+        from runtime.config import parse_config
+
+        config = parse_config({**config.model_dump(), **updates})
+    return config
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Consort model aliases (cache: {models.cache_root()})")
+    for column in ("alias", "prepared", "size", "licence", "package", "description"):
+        table.add_column(column)
+    for alias in models.ALIASES.values():
+        prepared = models.is_prepared(alias.name)
+        size = f"{models.folder_size_bytes(models.prepared_dir(alias.name)) / 1e6:.0f} MB" if prepared else "-"
+        table.add_row(alias.name, "yes" if prepared else "no", size, alias.licence, alias.package, alias.description)
+    Console().print(table)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    for alias in args.aliases or list(models.DEFAULT_MEMBERS):
+        path = models.prepare(alias)
+        print(f"{alias}: {path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from runtime.core import RequestOptions
+    from runtime.prompts import Prompt
+    from runtime.sampling import SamplingParams
+
+    config = _config_from_args(args)
+    params = SamplingParams.create(
+        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, top_p=args.top_p
+    )
+    prompt = Prompt(text=args.prompt) if args.raw else Prompt(messages=[{"role": "user", "content": args.prompt}])
+    options = RequestOptions(diagnostics=args.json, logprobs=None)
+    if args.local:
+        from runtime.loop import EnsembleLoop
+
+        loop = EnsembleLoop.from_config(config)
+        if args.json:
+            completion = loop.generate([prompt], params, options)[0]
+            _print_json(config, completion.text, completion.finish_reason, completion.prompt_tokens,
+                        completion.completion_tokens, completion.diagnostics)
+        else:
+            for delta in loop.stream(prompt, params, options):
+                print(delta.text, end="", flush=True)
+            print()
+        return 0
+    from actors.client import generate_on_cluster
+
+    return generate_on_cluster(config, prompt, params, options, address=args.address, as_json=args.json)
+
+
+def _print_json(config: EnsembleConfig, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
+                diagnostics: list) -> None:
+    fused = sum(1 for d in diagnostics if d.get("fused"))
+    draws: dict[str, int] = {}
+    for d in diagnostics:
+        if d.get("drawn"):
+            draws[d["drawn"]] = draws.get(d["drawn"], 0) + 1
+    print(json.dumps({
+        "text": text, "finish_reason": finish, "strategy": config.strategy,
+        "members": [m.name for m in config.members], "main": config.main_member,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        "fused_fraction": fused / len(diagnostics) if diagnostics else 0.0, "draws": draws,
+        "steps": diagnostics,
+    }, indent=2, ensure_ascii=False))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.serve_cli import serve
+
+    config = load_config(args.config) if args.config else default_config()
+    return serve(config, host=args.host, port=args.port, address=args.address)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from deploy.jobs.eval import main as eval_main
+
+    return eval_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="consort", description="Several language models answering as one.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list known model aliases")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("prepare", help="convert packaged models to the local cache")
+    p.add_argument("aliases", nargs="*", help=f"aliases (default: {', '.join(models.DEFAULT_MEMBERS)})")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("generate", help="generate text with one model or an ensemble")
+    p.add_argument("--model", help="a single model reference")
+    p.add_argument("--members", help="comma-separated model references")
+    p.add_argument("--weights", help="comma-separated weights for --members")
+    p.add_argument("--config", help="ensemble YAML")
+    p.add_argument("--strategy", choices=["mean", "deepen", "me", "vote"])
+    p.add_argument("--main", help="member whose tokenizer defines the output")
+    p.add_argument("--gate", type=float, help="fuse only where the main member's top probability is below this")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text (no chat template)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    p.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: start a local Ray")
+    p.add_argument("--json", action="store_true", help="print text and per-step diagnostics as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve the ensemble over an OpenAI-compatible HTTP API")
+    p.add_argument("--config", help="ensemble YAML (default: the two packaged models)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="Ray cluster address; default: start a local Ray")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="evaluate members and strategies on benchmarks", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if not args.debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        return int(args.func(args))
+    except ConsortError as error:
+        if args.debug:
+            raise
+        print(f"consort: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

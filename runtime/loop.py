@@ -1,0 +1,129 @@
+"""The ensemble in one process: workers called directly, no Ray (the CLI's --local, the unit tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from runtime import models
+from runtime.config import EnsembleConfig
+from runtime.core import Delta, EnsembleCore, MemberInfo, RequestOptions, TokenLogprob
+from runtime.member import MemberEngine
+from runtime.prompts import Prompt
+from runtime.sampling import SamplingParams
+from runtime.worker import InvertWork, MemberWorker, SeqResult, SeqWork
+
+
+class LocalExecutor:
+    """Runs member work by calling the workers in this process, one after the other."""
+
+    def __init__(self, workers: dict[str, MemberWorker]) -> None:
+        self.workers = workers
+
+    async def step(self, member: str, works: list[SeqWork]) -> list[SeqResult]:
+        return self.workers[member].step(works)
+
+    async def invert(self, member: str, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]:
+        return self.workers[member].invert(works, steps=steps, learning_rate=learning_rate)
+
+    async def release(self, member: str, seq_ids: list[str]) -> None:
+        self.workers[member].release(seq_ids)
+
+
+def member_info(worker: MemberWorker) -> MemberInfo:
+    return MemberInfo(worker.name, worker.tokenizer, worker.table, worker.engine.max_context)
+
+
+def resolve_device(config: EnsembleConfig) -> str:
+    if config.device != "auto":
+        return config.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def load_worker(config: EnsembleConfig, name: str, device: str = "cpu", model_and_tokenizer: Any = None) -> MemberWorker:
+    member = next(m for m in config.members if m.name == name)
+    if model_and_tokenizer is None:
+        model_and_tokenizer = models.load(member.model, device=device, dtype=resolve_dtype(member.dtype, device))
+    model, tokenizer = model_and_tokenizer
+    engine = MemberEngine(model, tokenizer, name=name, device=device, max_context=config.max_context)
+    return MemberWorker(name, engine, top_k=config.top_k)
+
+
+def attach_anchors(core: EnsembleCore, workers: dict[str, MemberWorker]) -> None:
+    deepen = core.config.deepen
+    assert core.ctx.anchors is not None
+    for name, worker in workers.items():
+        worker.set_anchors(core.ctx.anchors[name], deepen.temperature, deepen.relative_top_k)
+
+
+@dataclass
+class Completion:
+    """A finished sequence."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class EnsembleLoop:
+    """Holds the members and the step loop; yields text deltas per sequence."""
+
+    def __init__(self, config: EnsembleConfig, workers: dict[str, MemberWorker]) -> None:
+        self.config = config
+        self.workers = workers
+        self.core = EnsembleCore(config, [member_info(workers[m.name]) for m in config.members], LocalExecutor(workers))
+        attach_anchors(self.core, workers)
+        if config.strategy != "vote":
+            self.core.strategy(config.strategy)  # a strategy that cannot serve this ensemble fails now
+
+    @classmethod
+    def from_config(cls, config: EnsembleConfig, device: str | None = None) -> EnsembleLoop:
+        device = device or resolve_device(config)
+        return cls(config, {m.name: load_worker(config, m.name, device) for m in config.members})
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams, options: RequestOptions | None = None
+    ) -> Iterator[Delta]:
+        seq_id = self.core.add(prompt, params, options)
+        while True:
+            for delta in asyncio.run(self.core.step()):
+                if delta.seq_id == seq_id:
+                    yield delta
+                    if delta.finish_reason:
+                        return
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams],
+        options: RequestOptions | None = None,
+    ) -> list[Completion]:
+        """Run many sequences together (continuous batching in one process) to completion."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [self.core.add(p, sp, options) for p, sp in zip(prompts, per_prompt, strict=True)]
+        done: dict[str, Completion] = {}
+        partial: dict[str, Completion] = {i: Completion("", "", 0, 0) for i in ids}
+        while len(done) < len(ids):
+            for delta in asyncio.run(self.core.step()):
+                c = partial[delta.seq_id]
+                c.text += delta.text
+                c.logprobs += delta.logprobs
+                c.diagnostics += delta.diagnostics
+                if delta.finish_reason:
+                    c.finish_reason = delta.finish_reason
+                    c.prompt_tokens, c.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+                    done[delta.seq_id] = c
+        return [done[i] for i in ids]

@@ -1,0 +1,65 @@
+"""DeePEn's relative representation space (arXiv 2404.12715), computed only over the rows that matter.
+
+A token's relative representation is the softmax, over the anchor tokens shared
+by every member, of the cosine similarity between its input embedding and each
+anchor's. A distribution maps into that space as the probability-weighted sum of
+its tokens' rows. DeePEn's code materialises the whole vocabulary × anchors
+matrix (and runs out of memory at 128k+ vocabularies); here only the rows of the
+few tokens that carry the probability mass are ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class RelativeSpace:
+    """One member's view of the shared anchor space, next to its own embedding matrix."""
+
+    def __init__(self, embeddings: torch.Tensor, anchor_ids: Sequence[int], temperature: float) -> None:
+        self._embeddings = embeddings  # [V, d], the model's own input embedding weight (not copied)
+        ids = torch.as_tensor(list(anchor_ids), dtype=torch.long, device=embeddings.device)
+        self._anchors = torch.nn.functional.normalize(embeddings[ids].float(), dim=-1)  # [A, d]
+        self.temperature = temperature
+
+    @property
+    def num_anchors(self) -> int:
+        return self._anchors.shape[0]
+
+    def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Relative representations [k, A] of the given tokens."""
+        tokens = torch.nn.functional.normalize(self._embeddings[token_ids.to(self._embeddings.device)].float(), dim=-1)
+        return torch.softmax(tokens @ self._anchors.T / self.temperature, dim=-1)
+
+    def project(self, token_ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+        """Map a (top-k, renormalised) distribution into relative space: a [A] probability vector."""
+        probs = torch.softmax(logprobs.float().to(self._anchors.device), dim=-1)
+        return (probs @ self.rows(token_ids)).cpu()
+
+    def invert(
+        self,
+        target: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        initial_logprobs: torch.Tensor,
+        *,
+        steps: int,
+        learning_rate: float,
+    ) -> torch.Tensor:
+        """Find log-probs over `candidate_ids` whose projection matches `target` (DeePEn's inverse step).
+
+        Starts from this member's own distribution over the candidates and takes a few
+        gradient steps on KL(target ‖ projection), as the paper does.
+        """
+        device = self._anchors.device
+        rows = self.rows(candidate_ids)  # [C, A]
+        target = target.float().to(device).clamp_min(1e-12)
+        logits = initial_logprobs.float().to(device).clone()
+        for _ in range(steps):
+            probs = torch.softmax(logits, dim=-1)
+            projection = (probs @ rows).clamp_min(1e-12)
+            # d KL(target ‖ probs·rows) / d logits, written out: autograd costs more than the step itself.
+            grad_probs = -(rows @ (target / projection))
+            logits -= learning_rate * probs * (grad_probs - torch.dot(probs, grad_probs))
+        return torch.log_softmax(logits, dim=-1).cpu()

@@ -1,0 +1,180 @@
+"""The member side of one step: alignment, one batched forward, compact outputs.
+
+A `MemberWorker` is what a member actor wraps and what the in-process loop calls
+directly. Each call carries, per sequence, the text emitted since this member
+last saw it (lazy catch-up for `me` and `gate` is the same thing with more text),
+and asks for only what the strategy needs back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from runtime.alignment import Aligner
+from runtime.member import MemberEngine
+from runtime.relative import RelativeSpace
+from runtime.vocab import TokenTable
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes the ensemble emitted, and which member's token they were (for exact own-token feeding)."""
+
+    data: bytes
+    owner: str | None = None
+    token_id: int | None = None
+
+
+@dataclass
+class SeqWork:
+    """What one member must do for one sequence in this step."""
+
+    seq_id: str
+    prompt_ids: list[int] | None = None  # this member's prompt tokens, sent once when the sequence is admitted
+    pieces: list[Piece] = field(default_factory=list)  # emitted since this member last saw the sequence
+    compute: bool = True  # run the forward and return a distribution
+    full: bool = False  # return the full-vocabulary distribution
+    relative: bool = False  # return the DeePEn relative-space vector
+    echo: bool = False  # return log-probs of the prompt tokens (log-likelihood scoring)
+    echo_top_k: int = 0
+
+
+@dataclass
+class SeqResult:
+    """A member's compact answer for one sequence."""
+
+    seq_id: str
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    relative: torch.Tensor | None = None
+    prompt_tokens: int | None = None
+    echo_ids: list[int] | None = None
+    echo_logprobs: list[float] | None = None
+    echo_top: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class InvertWork:
+    """DeePEn's inverse step for one sequence, done by the main member next to its embeddings."""
+
+    seq_id: str
+    target: torch.Tensor
+    candidate_ids: torch.Tensor
+    initial_logprobs: torch.Tensor
+
+
+_TABLES: dict[int, tuple[Any, frozenset[int], TokenTable]] = {}
+
+
+def token_table(tokenizer: Any, eos_ids: frozenset[int]) -> TokenTable:
+    """One table per tokenizer object: building one for a 262k vocabulary takes seconds."""
+    cached = _TABLES.get(id(tokenizer))
+    # The tokenizer is kept in the entry, so its id cannot be reused by another object.
+    if cached is None or cached[1] != eos_ids:
+        cached = (tokenizer, eos_ids, TokenTable.from_tokenizer(tokenizer, eos_ids=eos_ids))
+        _TABLES[id(tokenizer)] = cached
+    return cached[2]
+
+
+class MemberWorker:
+    """One member: its engine, its per-sequence text alignment, and its relative space."""
+
+    def __init__(self, name: str, engine: MemberEngine, *, top_k: int = 64, window_tokens: int = 8) -> None:
+        self.name = name
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.table = token_table(self.tokenizer, frozenset(engine.eos_token_ids))
+        self.top_k = top_k
+        self._window_tokens = window_tokens
+        self._aligners: dict[str, Aligner] = {}
+        self._prompt_len: dict[str, int] = {}
+        self._space: RelativeSpace | None = None
+        self._relative_top_k = 16
+
+    # -- configuration -------------------------------------------------------------------------
+    def set_anchors(self, anchor_ids: Sequence[int], temperature: float, relative_top_k: int) -> int:
+        embeddings = self.engine.model.get_input_embeddings().weight.detach()
+        self._space = RelativeSpace(embeddings, anchor_ids, temperature)
+        self._relative_top_k = relative_top_k
+        return self._space.num_anchors
+
+    # -- sequences -----------------------------------------------------------------------------
+    def release(self, seq_ids: Sequence[str]) -> None:
+        for seq_id in seq_ids:
+            self.engine.remove(seq_id)
+            self._aligners.pop(seq_id, None)
+            self._prompt_len.pop(seq_id, None)
+
+    @property
+    def held_sequences(self) -> int:
+        return len(self._aligners)
+
+    def _admit(self, seq_id: str, ids: list[int]) -> int:
+        self.engine.add(seq_id, ids)
+        self._aligners[seq_id] = Aligner(self.tokenizer, self.table, window_tokens=self._window_tokens)
+        self._prompt_len[seq_id] = len(ids)
+        return len(ids)
+
+    def _catch_up(self, seq_id: str, pieces: Sequence[Piece]) -> None:
+        aligner = self._aligners[seq_id]
+        for piece in pieces:
+            if piece.owner == self.name and piece.token_id is not None:
+                edit = aligner.append_own(piece.token_id)
+            else:
+                edit = aligner.append(piece.data)
+            base = self._prompt_len[seq_id]
+            if base + edit.keep < len(self.engine.token_ids(seq_id)):
+                self.engine.crop(seq_id, base + edit.keep)
+            if edit.feed:
+                self.engine.extend(seq_id, edit.feed)
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self, works: Sequence[SeqWork]) -> list[SeqResult]:
+        results: dict[str, SeqResult] = {}
+        for work in works:
+            result = SeqResult(seq_id=work.seq_id)
+            if work.prompt_ids is not None:
+                result.prompt_tokens = self._admit(work.seq_id, work.prompt_ids)
+            if work.pieces:
+                self._catch_up(work.seq_id, work.pieces)
+            results[work.seq_id] = result
+        computing = [w for w in works if w.compute]
+        if computing:
+            outputs = self.engine.step(
+                [w.seq_id for w in computing],
+                top_k=self.top_k,
+                full={w.seq_id for w in computing if w.full},
+                echo={w.seq_id for w in computing if w.echo},
+                echo_top_k=max((w.echo_top_k for w in computing), default=0),
+            )
+            for work in computing:
+                out, result = outputs[work.seq_id], results[work.seq_id]
+                result.top_ids, result.top_logprobs, result.logprobs = out.top_ids, out.top_logprobs, out.logprobs
+                if work.echo:
+                    result.echo_ids = self.engine.token_ids(work.seq_id)
+                    result.echo_logprobs, result.echo_top = out.echo_logprobs, out.echo_top
+                if work.relative:
+                    result.relative = self.project(out.top_ids, out.top_logprobs)
+        return [results[w.seq_id] for w in works]
+
+    # -- DeePEn --------------------------------------------------------------------------------
+    def project(self, top_ids: torch.Tensor, top_logprobs: torch.Tensor) -> torch.Tensor:
+        if self._space is None:
+            raise RuntimeError(f"member {self.name!r} has no anchors; the deepen strategy sets them at start-up")
+        k = self._relative_top_k
+        return self._space.project(top_ids[:k], top_logprobs[:k])
+
+    def invert(self, works: Sequence[InvertWork], *, steps: int, learning_rate: float) -> list[torch.Tensor]:
+        if self._space is None:
+            raise RuntimeError(f"member {self.name!r} has no anchors; the deepen strategy sets them at start-up")
+        return [
+            self._space.invert(
+                w.target, w.candidate_ids, w.initial_logprobs, steps=steps, learning_rate=learning_rate
+            )
+            for w in works
+        ]
