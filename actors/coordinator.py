@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
 from actors.member import MemberActor
 from actors.metrics import EnsembleMetrics
@@ -112,18 +112,26 @@ class Coordinator:
             600.0,
         )
 
-    async def _recover(self) -> None:
+    async def _recover(self, deadline_s: float = 300.0) -> None:
         """After a member died: wait until Ray has restarted it, then give it its anchors again."""
         deepen, anchors = self.config.deepen, self.core.ctx.anchors
         assert anchors is not None
+        deadline = time.monotonic() + deadline_s
         for name in sorted(self.executor.lost):
-            ref = self.actors[name].set_anchors.remote(anchors[name], deepen.temperature, deepen.relative_top_k)
-            try:
-                await asyncio.wait_for(ref, timeout=600.0)
-            except (RayActorError, TimeoutError) as error:
-                log.error("member %s did not come back: %s", name, error)
-                continue
+            while True:
+                ref = self.actors[name].set_anchors.remote(anchors[name], deepen.temperature, deepen.relative_top_k)
+                try:
+                    await asyncio.wait_for(ref, timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except ActorUnavailableError:
+                    # Restarting (reloading its model): ask again shortly.
+                    if time.monotonic() > deadline:
+                        raise MemberLost(name, f"not back after {deadline_s:g} s") from None
+                    await asyncio.sleep(0.5)
+                except (ActorDiedError, TimeoutError) as error:
+                    raise MemberLost(name, f"could not be restarted: {type(error).__name__}") from error
             self.executor.lost.discard(name)
+            log.warning("member %s is back after a restart", name)
 
     # -- requests ------------------------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -216,7 +224,11 @@ class Coordinator:
 
     async def _step_once(self) -> None:
         if self.executor.lost:
-            await self._recover()
+            try:
+                await self._recover()
+            except MemberLost as error:
+                self._fail_running(error, waiting_too=True)
+                return
         self.metrics.queue_depth.set(len(self.core.waiting), tags=self.metrics.tags)
         try:
             deltas = await self.core.step()
@@ -233,13 +245,24 @@ class Coordinator:
             if queue is not None:
                 queue.put_nowait(delta)
 
-    def _fail_running(self, error: BaseException) -> None:
+    def _fail_running(self, error: BaseException, *, waiting_too: bool = False) -> None:
         failed = list(self.core.running)
         self.core.running.clear()
+        if waiting_too:
+            failed += [s.seq_id for s in self.core.waiting]
+            self.core.waiting.clear()
         kind = "member_lost" if isinstance(error, MemberLost) else "internal"
-        for seq_id in failed:
+        # A vote's answers are children of the request the caller waits on.
+        callers = dict.fromkeys(self.core._parent_of.get(seq_id, seq_id) for seq_id in failed)
+        for caller in callers:
             self.metrics.errors.inc(tags=self.metrics.tagged(type=kind))
-            queue = self._queues.get(seq_id)
+            group = self.core.groups.pop(caller, None)
+            if group is not None:
+                for child in group.children:
+                    self.core._parent_of.pop(child, None)
+                failed += [c for c in group.children if c not in failed]
+                self.core.waiting = type(self.core.waiting)(s for s in self.core.waiting if s.seq_id not in group.children)
+            queue = self._queues.get(caller)
             if queue is not None:
                 queue.put_nowait(error)
         live = [n for n in self.actors if n not in self.executor.lost]

@@ -58,7 +58,12 @@ class MemberLost(ConsortError):
 
     def __init__(self, member: str, detail: str = "") -> None:
         self.member = member
+        self.detail = detail
         super().__init__(
             f"ensemble member {member!r} was lost{': ' + detail if detail else ''}; "
             "it is being restarted, retry the request"
         )
+
+    def __reduce__(self) -> tuple[type[MemberLost], tuple[str, str]]:
+        # Crosses process boundaries (Ray) with its fields, not its formatted message.
+        return (MemberLost, (self.member, self.detail))

@@ -110,6 +110,8 @@ def member_logprob(ctx: EnsembleContext, member: str, result: SeqResult, key: by
     else:
         found = table.id_of(key)
         token_id = found if found is not None else table.first_token(key)
+    if token_id is None:
+        return tail_logprob(result, table.vocab_size)
     if result.logprobs is not None:
         return float(result.logprobs[token_id])
     assert result.top_ids is not None and result.top_logprobs is not None

@@ -78,7 +78,10 @@ class DeepenStrategy(Strategy):
                 if key is None:
                     continue
                 mapped = main_table.id_of(key)
-                candidate_ids.append(mapped if mapped is not None else main_table.first_token(key))
+                if mapped is None:
+                    mapped = main_table.first_token(key)
+                if mapped is not None:  # None: the main vocabulary cannot spell this piece at all
+                    candidate_ids.append(mapped)
         if seq.forced:
             candidate_ids.append(seq.forced[0].token_id)
         candidate_ids = list(dict.fromkeys(candidate_ids))

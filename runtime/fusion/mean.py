@@ -108,7 +108,9 @@ class MeanStrategy(Strategy):
                     single = True
                 else:
                     token_id, single = self._lookup(name, key)
-                    if result.logprobs is not None:
+                    if token_id is None:
+                        logprob = tail
+                    elif result.logprobs is not None:
                         logprob = float(result.logprobs[token_id])
                     else:
                         logprob = by_id.get(token_id, tail)
@@ -124,7 +126,7 @@ class MeanStrategy(Strategy):
             decision.forced_logprob = float(decision.logprobs[keys.index(forced.key)])
         return decision
 
-    def _lookup(self, member: str, key: bytes) -> tuple[int, bool]:
+    def _lookup(self, member: str, key: bytes) -> tuple[int | None, bool]:
         """(token id standing for `key` in this member's vocabulary, whether it is the whole key)."""
         table = self.ctx.table(member)
         if key == EOS_KEY:

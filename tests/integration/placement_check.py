@@ -1,0 +1,71 @@
+"""Multi-node placement on a fake 3-node cluster (each node: 1 fake GPU); run as its own process.
+
+A separate process because `ray.cluster_utils.Cluster` needs a driver of its own,
+and the integration session already holds one. Prints one JSON line of findings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.exceptions import RayActorError  # noqa: E402
+
+from runtime.config import parse_config  # noqa: E402
+
+TINY = ["tiny:smollm2-135m-instruct", "tiny:gemma3-270m", "tiny:smollm2-135m-instruct@1"]
+
+
+def config(placement: str, members: int, num_gpus: float = 1.0) -> dict:
+    return {
+        "members": [
+            {"name": f"m{i}", "model": TINY[i % len(TINY)], "num_cpus": 0.5, "num_gpus": num_gpus}
+            for i in range(members)
+        ],
+        "strategy": "mean",
+        "placement": placement,
+    }
+
+
+def nodes_of(raw: dict, placement_timeout_s: float = 120.0) -> dict:
+    from actors.coordinator import CoordinatorActor
+
+    actor = CoordinatorActor.remote(parse_config(raw), placement_timeout_s=placement_timeout_s)
+    try:
+        return ray.get(actor.member_nodes.remote(), timeout=300)
+    finally:
+        try:
+            ray.get(actor.shutdown.remote(), timeout=60)
+        except RayActorError:
+            pass
+        ray.kill(actor)
+
+
+def main() -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2, num_gpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    findings: dict = {}
+    try:
+        findings["strict_spread"] = nodes_of(config("strict_spread", 3))
+        findings["pack_fractional"] = nodes_of(config("pack", 2, num_gpus=0.5))
+        try:
+            nodes_of(config("strict_spread", 4), placement_timeout_s=5)
+            findings["impossible"] = "placed"
+        except RayActorError as error:
+            findings["impossible"] = str(error)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print("FINDINGS " + json.dumps(findings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The distributed runtime on a local Ray cluster: same results as in process, batching, failures, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import ray
+
+from actors.client import complete, start_coordinator, stream
+from runtime.config import parse_config
+from runtime.core import RequestOptions
+from runtime.errors import MemberLost
+from runtime.loop import EnsembleLoop
+from runtime.prompts import Prompt
+from runtime.sampling import SamplingParams
+from tests.integration.conftest import tiny_config
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+PROMPTS = [Prompt(text="The capital of France is"), Prompt(messages=[{"role": "user", "content": "Say hi"}])]
+
+
+@pytest.fixture(scope="module")
+def config():
+    return parse_config(tiny_config(strategy="deepen", deepen={"min_anchors": 10, "max_anchors": 1024}, max_batch=16))
+
+
+@pytest.fixture(scope="module")
+def coordinator(ray_cluster, config):
+    actor = start_coordinator(config)
+    yield actor
+    ray.get(actor.shutdown.remote())
+    ray.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def local_loop(config):
+    return EnsembleLoop.from_config(config, device="cpu")
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params"),
+    [
+        ("mean", GREEDY),
+        ("deepen", GREEDY),
+        ("me", SamplingParams(temperature=0.0, max_tokens=10, seed=7, ignore_eos=True)),
+        ("me", SamplingParams(temperature=0.9, max_tokens=10, seed=11, ignore_eos=True)),
+    ],
+)
+def test_actors_give_the_in_process_result(coordinator, local_loop, strategy: str, params: SamplingParams) -> None:
+    options = RequestOptions(strategy=strategy)
+    expected = [c.text for c in local_loop.generate(PROMPTS, params, options)]
+    got = [run(complete(coordinator, p, params, options))[0] for p in PROMPTS]
+    assert got == expected
+
+
+def test_concurrent_requests_are_batched_and_match_their_solo_text(coordinator, local_loop) -> None:
+    prompts = [Prompt(text="word " * (i + 1) + "and") for i in range(16)]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + i % 5, ignore_eos=True) for i in range(16)]
+    options = RequestOptions(strategy="mean")
+    alone = [local_loop.generate([p], sp, options)[0].text for p, sp in zip(prompts, params, strict=True)]
+
+    async def all_at_once() -> list[str]:
+        results = await asyncio.gather(*(complete(coordinator, p, sp, options) for p, sp in zip(prompts, params, strict=True)))
+        return [text for text, _, _ in results]
+
+    assert run(all_at_once()) == alone
+    stats = ray.get(coordinator.member_stats.remote())
+    assert all(s["max_batch_size"] > 1 for s in stats.values()), stats
+
+
+def test_cancelled_requests_free_member_state(coordinator) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+
+    async def cancel_many() -> None:
+        for _ in range(100):
+            async for _delta in stream(coordinator, PROMPTS[0], params, RequestOptions(strategy="mean")):
+                break  # the caller goes away after the first delta
+
+    run(cancel_many())
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        stats = ray.get(coordinator.member_stats.remote())
+        if all(s["held_sequences"] == 0 and s["engine_sequences"] == 0 for s in stats.values()):
+            break
+        time.sleep(0.2)
+    assert all(s["held_sequences"] == 0 and s["engine_sequences"] == 0 for s in stats.values()), stats
+
+
+def test_a_killed_member_fails_requests_fast_and_recovers(ray_cluster, config) -> None:
+    fast = parse_config({**config.model_dump(), "step_timeout_s": 30})
+    actor = start_coordinator(fast)
+    try:
+        member = ray.get(actor.member_actor.remote("gemma3"))
+        long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+        async def kill_mid_generation() -> float:
+            seen = 0
+            killed_at = 0.0
+            try:
+                async for _delta in stream(actor, PROMPTS[0], long, RequestOptions(strategy="mean")):
+                    seen += 1
+                    if seen == 3:
+                        ray.kill(member, no_restart=False)
+                        killed_at = time.time()
+            except MemberLost as error:
+                assert "gemma3" in str(error)
+                return time.time() - killed_at
+            raise AssertionError("the request finished although a member died")
+
+        assert run(kill_mid_generation()) < 10
+        text, finish, _ = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy="mean")))
+        assert finish == "length" and text
+    finally:
+        ray.get(actor.shutdown.remote())
+        ray.kill(actor)
