@@ -13,11 +13,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-from ray.exceptions import RayActorError  # noqa: E402
+import ray
+from ray.cluster_utils import Cluster
+from ray.exceptions import RayActorError
 
-from runtime.config import parse_config  # noqa: E402
+from runtime.config import parse_config
 
 TINY = ["tiny:smollm2-135m-instruct", "tiny:gemma3-270m", "tiny:smollm2-135m-instruct@1"]
 
