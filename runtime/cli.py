@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams.create(
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, top_p=args.top_p
     )
-    prompt = Prompt(text=args.prompt) if args.raw else Prompt(messages=[{"role": "user", "content": args.prompt}])
+    prompt = Prompt(messages=[{"role": "user", "content": args.prompt}]) if args.chat else Prompt(text=args.prompt)
     options = RequestOptions(diagnostics=args.json, logprobs=None)
     if args.local:
         from runtime.loop import EnsembleLoop
@@ -141,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--main", help="member whose tokenizer defines the output")
     p.add_argument("--gate", type=float, help="fuse only where the main member's top probability is below this")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text (no chat template)")
+    p.add_argument(
+        "--chat", action="store_true",
+        help="send the prompt as a user message, rendered with each member's chat template (default: continue it as text)",
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
