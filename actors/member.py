@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 import ray
@@ -31,6 +32,8 @@ class MemberActor:
             torch.set_num_threads(member.threads)
         self.worker = load_worker(config, name, device)
         self.device = device
+        self.step_seconds = 0.0  # time spent inside step calls, to separate compute from coordination
+        self.step_calls = 0
         self.dtype = resolve_dtype(member.dtype, device)
 
     def describe(self) -> MemberInfo:
@@ -40,7 +43,12 @@ class MemberActor:
         return self.worker.set_anchors(anchor_ids, temperature, relative_top_k)
 
     def step(self, works: list[SeqWork]) -> list[SeqResult]:
-        return self.worker.step(works)
+        started = time.perf_counter()
+        try:
+            return self.worker.step(works)
+        finally:
+            self.step_seconds += time.perf_counter() - started
+            self.step_calls += 1
 
     def invert(self, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]:
         return self.worker.invert(works, steps=steps, learning_rate=learning_rate)
@@ -51,7 +59,13 @@ class MemberActor:
     def stats(self) -> dict[str, float]:
         engine = self.worker.engine
         stats = engine.stats if isinstance(engine.stats, dict) else vars(engine.stats)
-        return {**stats, "held_sequences": self.worker.held_sequences, "engine_sequences": len(engine.seq_ids)}
+        return {
+            **stats,
+            "held_sequences": self.worker.held_sequences,
+            "engine_sequences": len(engine.seq_ids),
+            "step_seconds": self.step_seconds,
+            "step_calls": self.step_calls,
+        }
 
     def node(self) -> dict[str, str]:
         return {

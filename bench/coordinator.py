@@ -1,0 +1,117 @@
+"""The distributed runtime on the two real models, members as separate actors, in one run.
+
+    python -m bench.coordinator [--tokens 32] [--threads 1] [--address ADDR]
+
+Figures (issue 4):
+- coordination overhead at batch 1: ensemble step latency seen by the caller ÷ the slowest
+  member's own step latency measured inside the member over the same steps (target ≤ 1.05);
+- aggregate tokens/s at concurrency 1, 4, 16 (target: 16 ≥ 3 × 1);
+- me ÷ mean aggregate tokens/s at concurrency 16 (target ≥ 1.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from typing import Any
+
+import ray
+
+from actors.client import complete, connect, start_coordinator
+from bench.common import PROMPTS
+from runtime.config import default_config, parse_config
+from runtime.core import RequestOptions
+from runtime.prompts import Prompt
+from runtime.sampling import SamplingParams
+
+
+def member_totals(coordinator: Any) -> dict[str, tuple[float, int]]:
+    stats = ray.get(coordinator.member_stats.remote())
+    return {name: (s["step_seconds"], s["step_calls"]) for name, s in stats.items()}
+
+
+async def one_stream(coordinator: Any, prompt: Prompt, params: SamplingParams, options: RequestOptions) -> list[float]:
+    """Arrival times of each delta of one request."""
+    from actors.client import stream
+
+    times = []
+    async for _ in stream(coordinator, prompt, params, options):
+        times.append(time.perf_counter())
+    return times
+
+
+def overhead(coordinator: Any, strategy: str, tokens: int) -> dict[str, float]:
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    options = RequestOptions(strategy=strategy)
+    asyncio.run(complete(coordinator, Prompt(text=PROMPTS[0]), SamplingParams(temperature=0.0, max_tokens=4), options))
+    before = member_totals(coordinator)
+    times = asyncio.run(one_stream(coordinator, Prompt(text=PROMPTS[1]), params, options))
+    after = member_totals(coordinator)
+    # Steady-state decode: skip the prefill step, average the rest.
+    step = (times[-1] - times[0]) / (len(times) - 1)
+    inside = {}
+    for name in after:
+        seconds = after[name][0] - before[name][0]
+        calls = after[name][1] - before[name][1]
+        inside[name] = seconds / max(calls, 1)
+    # Every call but the prefill is a one-token decode step, so the mean per call is a fair per-step figure.
+    slowest = max(inside.values())
+    return {"ensemble_step_ms": 1000 * step, "slowest_member_step_ms": 1000 * slowest, "ratio": step / slowest,
+            **{f"{n}_step_ms": 1000 * v for n, v in inside.items()}}
+
+
+def throughput(coordinator: Any, strategy: str, concurrency: int, tokens: int) -> float:
+    params = [SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, seed=i) for i in range(concurrency)]
+    prompts = [Prompt(text=PROMPTS[i % len(PROMPTS)]) for i in range(concurrency)]
+    options = RequestOptions(strategy=strategy)
+
+    async def burst() -> None:
+        await asyncio.gather(*(complete(coordinator, p, sp, options) for p, sp in zip(prompts, params, strict=True)))
+
+    started = time.perf_counter()
+    asyncio.run(burst())
+    return concurrency * tokens / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--address")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    connect(args.address)
+    base = default_config().model_dump()
+    for member in base["members"]:
+        member["threads"] = args.threads
+    config = parse_config({**base, "max_batch": 16})
+    coordinator = start_coordinator(config)
+    figures: dict[str, Any] = {}
+    try:
+        for strategy in ("mean", "deepen"):
+            figures[f"overhead_{strategy}"] = overhead(coordinator, strategy, args.tokens)
+        for strategy in ("mean", "me"):
+            for concurrency in (1, 4, 16):
+                figures[f"{strategy}_c{concurrency}_tokens_per_s"] = throughput(coordinator, strategy, concurrency, args.tokens)
+    finally:
+        ray.get(coordinator.shutdown.remote())
+    print(json.dumps(figures, indent=2))
+    for strategy in ("mean", "deepen"):
+        o = figures[f"overhead_{strategy}"]
+        print(f"{strategy}: ensemble step {o['ensemble_step_ms']:.1f} ms / slowest member step "
+              f"{o['slowest_member_step_ms']:.1f} ms = {o['ratio']:.3f} (target ≤ 1.05)")
+    scale = figures["mean_c16_tokens_per_s"] / figures["mean_c1_tokens_per_s"]
+    me_over_mean = figures["me_c16_tokens_per_s"] / figures["mean_c16_tokens_per_s"]
+    print(f"mean tokens/s at 16 ÷ at 1 = {scale:.2f} (target ≥ 3)")
+    print(f"me ÷ mean tokens/s at 16 = {me_over_mean:.2f} (target ≥ 1.8)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(figures, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
