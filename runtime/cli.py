@@ -46,12 +46,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     table = Table(title=f"Consort model aliases (cache: {models.cache_root()})")
     for column in ("alias", "prepared", "size", "licence", "package", "description"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "description")
     for alias in models.ALIASES.values():
         prepared = models.is_prepared(alias.name)
         size = f"{models.folder_size_bytes(models.prepared_dir(alias.name)) / 1e6:.0f} MB" if prepared else "-"
         table.add_row(alias.name, "yes" if prepared else "no", size, alias.licence, alias.package, alias.description)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 
 

@@ -456,7 +456,13 @@ class EnsembleCore:
             chosen = seq.forced.popleft()
             index = -1
         else:
-            index = sample(decision.logprobs, seq.params, seq.generator)
+            logprobs = decision.logprobs
+            if seq.params.ignore_eos:
+                # Generating past the end means never choosing it: there is no text to emit for it.
+                eos = torch.tensor([c.key == EOS_KEY for c in decision.candidates])
+                if eos.any() and not eos.all():
+                    logprobs = logprobs.masked_fill(eos, float("-inf"))
+            index = sample(logprobs, seq.params, seq.generator)
             chosen = decision.candidates[index]
         seq.tokens += 1
         if decision.fused:
