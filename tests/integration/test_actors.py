@@ -120,3 +120,27 @@ def test_a_killed_member_fails_requests_fast_and_recovers(ray_cluster, config) -
     finally:
         ray.get(actor.shutdown.remote())
         ray.kill(actor)
+
+
+@pytest.mark.slow
+def test_real_models_through_actors_equal_the_in_process_loop(ray_cluster) -> None:
+    from runtime.config import default_config
+
+    config = parse_config({**default_config().model_dump(), "members": [
+        {"name": "smollm2", "model": "smollm2-135m-instruct", "num_cpus": 0.5},
+        {"name": "gemma3", "model": "gemma3-270m", "num_cpus": 0.5},
+    ]})
+    local = EnsembleLoop.from_config(config, device="cpu")
+    actor = start_coordinator(config)
+    try:
+        for strategy, params in [
+            ("mean", SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
+            ("deepen", SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
+            ("me", SamplingParams(temperature=0.7, max_tokens=8, seed=5, ignore_eos=True)),
+        ]:
+            options = RequestOptions(strategy=strategy)
+            expected = local.generate(PROMPTS[:1], params, options)[0].text
+            assert run(complete(actor, PROMPTS[0], params, options))[0] == expected, strategy
+    finally:
+        ray.get(actor.shutdown.remote())
+        ray.kill(actor)
