@@ -1,0 +1,577 @@
+"""The member engine: one model, many sequences, one batched forward per step.
+
+Each sequence keeps its own KV cache, which is never recomputed: a step feeds only
+the tokens a sequence has not yet been run on (a prefill, a catch-up of several
+tokens or one decode token, mixed in the same call) and returns the distribution
+of the next token. `crop` rolls a cache back exactly, which is what alignment
+(DESIGN.md, "keeping members on the same text") and ME's lazy catch-up need.
+
+Two places a sequence's KV can live:
+
+* solo: its own `DynamicCache`, batch 1. A step over one sequence hands that cache
+  straight to the model, with no mask and no copy: the same work as
+  `model.generate` at batch 1.
+* packed: a row of one batched `DynamicCache` shared by the sequences of the last
+  multi-sequence step. Columns are left-padded and may hold holes (ragged feeds,
+  crops); `positions[row, col]` is the token position stored there, -1 for none.
+  The attention masks are built from those positions, so causality and Gemma-3's
+  sliding window are measured in token positions, not columns, and the result is
+  the single-sequence result. The pack stays alive while the same set of
+  sequences steps again (the steady state of decoding) and is rebuilt when the set
+  changes.
+
+All caches use plain `DynamicLayer`s, even for sliding-window layers: the
+transformers sliding layer drops old positions, which would make `crop` past the
+window impossible; the mask does the windowing instead. The price: sliding layers
+keep (and attend over, masked) every position, so past the window they cost what a
+full-attention layer costs.
+
+Costs to know: `echo` keeps the logits of every fed position of the step
+(batch × widest feed × vocabulary floats); a forward that raises drops the caches of
+the sequences involved (they are recomputed from their tokens next step) and
+re-raises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from runtime.errors import InvalidRequest, PromptTooLong
+
+_SUPPORTED_ATTENTION = ("sdpa", "eager")
+_SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+# A pack is rebuilt when rebuilding would remove more empty cells (columns every row
+# has a hole in, times rows) than it holds real tokens, and at least this many, so
+# attention never runs over mostly empty columns for long yet repacks stay rare.
+_MIN_EXCESS_TO_REPACK = 256
+# Block width of `top_k_exact`; 512 divides both real vocabularies (49,152 and 262,144).
+_TOP_K_BLOCK = 512
+
+
+@dataclass
+class StepOutput:
+    """One sequence's result of a step: the next-token distribution after its last token."""
+
+    top_ids: torch.Tensor  # [k] int64, CPU, by descending log-prob
+    top_logprobs: torch.Tensor  # [k] float32, CPU, log_softmax values
+    logprobs: torch.Tensor | None = None  # [V] float32, CPU, only when asked
+    echo_logprobs: list[float] | None = None  # log p(token i | tokens < i) for the tokens fed this step
+    echo_top: tuple[torch.Tensor, torch.Tensor] | None = None  # [n, echo_top_k] ids and log-probs there
+
+
+@dataclass
+class EngineStats:
+    """Counters for metrics and benchmarks."""
+
+    steps: int = 0
+    forward_seconds: float = 0.0  # cumulative wall time of the forwards, cache packing included
+    last_batch_size: int = 0
+    max_batch_size: int = 0
+    tokens_fed: int = 0  # tokens run through the model, re-fed ones included
+    repacks: int = 0  # batched caches built
+
+    def as_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+
+@dataclass
+class _Sequence:
+    tokens: list[int]
+    cached: int = 0  # tokens[:cached] have K/V in a cache
+    cache: DynamicCache | None = None  # solo cache; None while packed or empty
+
+
+@dataclass
+class _Packed:
+    rows: list[str | None]  # None: the sequence was removed
+    cache: DynamicCache
+    positions: torch.Tensor  # [B, T] int64 token position per column, -1 for padding/holes
+    row_of: dict[str, int] = field(default_factory=dict)
+
+    def holds_exactly(self, seq_ids: Sequence[str]) -> bool:
+        return None not in self.rows and len(self.rows) == len(seq_ids) and set(self.rows) == set(seq_ids)
+
+    def is_wasteful(self, cached: list[int]) -> bool:
+        """Whether a fresh pack would be much narrower (left padding is not waste: a fresh pack has it too)."""
+        excess = (self.positions.shape[1] - max(cached)) * len(cached)
+        return excess > max(sum(cached), _MIN_EXCESS_TO_REPACK)
+
+
+@dataclass
+class _Feed:
+    seq_id: str
+    start: int  # position of the first fed token
+    tokens: list[int]
+    echo_from: int | None  # first position whose log-prob is reported; None: no echo
+
+
+def _as_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
+    layer = DynamicLayer()
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    return layer
+
+
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    # Built without the model config on purpose: no sliding layers (see module doc).
+    cache = DynamicCache()
+    cache.layers.extend(_as_layer(k, v) for k, v in layers)
+    return cache
+
+
+def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def top_k_exact(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.topk(k, dim=-1)` of a [rows, V] tensor, about 3x faster for a large V.
+
+    torch.topk over 262k entries costs more than the log-softmax (≈4% of a batch-8
+    Gemma step on one CPU thread). Exact shortcut: the k largest entries all lie in the
+    k blocks with the largest maxima (each block holding one of them has a maximum at
+    least as large as the k-th largest), so only those k blocks need a real top-k.
+    """
+    rows, width = scores.shape
+    blocks = -(-width // _TOP_K_BLOCK)
+    if k == 0 or rows == 0 or blocks <= 2 * k:
+        return scores.topk(k, dim=-1)
+    if width % _TOP_K_BLOCK:
+        scores = torch.nn.functional.pad(scores, (0, blocks * _TOP_K_BLOCK - width), value=-torch.inf)
+    by_block = scores.view(rows, blocks, _TOP_K_BLOCK)
+    chosen = by_block.amax(dim=-1).topk(k, dim=-1).indices  # [rows, k]
+    candidates = by_block.gather(1, chosen[:, :, None].expand(rows, k, _TOP_K_BLOCK)).view(rows, -1)
+    values, flat = candidates.topk(k, dim=-1)
+    ids = chosen.gather(1, flat // _TOP_K_BLOCK) * _TOP_K_BLOCK + flat % _TOP_K_BLOCK
+    return values, ids
+
+
+def _id_set(values: Any) -> set[int]:
+    if values is None:
+        return set()
+    if isinstance(values, int):
+        return {values}
+    return {int(v) for v in values}
+
+
+class MemberEngine:
+    """Steps many sequences of one model together; see the module docstring."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str = "member",
+        device: str = "cpu",
+        max_context: int | None = None,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self._config = model.config.get_text_config(decoder=True)
+        self._check_supported(self._config)
+        self.vocab_size: int = int(model.get_output_embeddings().weight.shape[0])
+        self.max_context: int = int(max_context or self._config.max_position_embeddings)
+        self.eos_token_ids: frozenset[int] = self._eos_ids(model, tokenizer)
+        self.stats = EngineStats()
+        self._dtype = next(model.parameters()).dtype
+        self._pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0)
+        self._seqs: dict[str, _Sequence] = {}
+        self._packed: _Packed | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _check_supported(config: Any) -> None:
+        attention = config._attn_implementation
+        if attention not in _SUPPORTED_ATTENTION:
+            raise NotImplementedError(
+                f"the member engine builds its own attention masks for {_SUPPORTED_ATTENTION}; "
+                f"this model uses {attention!r}: load it with attn_implementation='sdpa'"
+            )
+        layer_types = getattr(config, "layer_types", None) or []
+        unsupported = set(layer_types) - _SUPPORTED_LAYER_TYPES
+        if unsupported:
+            raise NotImplementedError(f"attention layer types {sorted(unsupported)} are not supported")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise NotImplementedError("bidirectional attention models cannot be stepped causally")
+
+    @staticmethod
+    def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+        generation_config = getattr(model, "generation_config", None)
+        ids = _id_set(getattr(generation_config, "eos_token_id", None))
+        ids |= _id_set(getattr(model.config, "eos_token_id", None))
+        ids |= _id_set(getattr(tokenizer, "eos_token_id", None))
+        return frozenset(ids)
+
+    # ------------------------------------------------------------ sequences
+
+    @property
+    def seq_ids(self) -> list[str]:
+        return list(self._seqs)
+
+    def add(self, seq_id: str, prompt_ids: Sequence[int]) -> None:
+        """Register a sequence; its tokens are fed at its next step."""
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} already exists in member {self.name!r}")
+        tokens = self._checked_ids(prompt_ids)
+        if not tokens:
+            raise ValueError(f"sequence {seq_id!r}: the prompt is empty")
+        self._check_length(seq_id, len(tokens))
+        self._seqs[seq_id] = _Sequence(tokens=tokens)
+
+    def extend(self, seq_id: str, token_ids: Sequence[int]) -> None:
+        """Append tokens; they are fed at the sequence's next step."""
+        seq = self._get(seq_id)
+        tokens = self._checked_ids(token_ids)
+        self._check_length(seq_id, len(seq.tokens) + len(tokens))
+        seq.tokens.extend(tokens)
+
+    @torch.inference_mode()
+    def crop(self, seq_id: str, n: int) -> None:
+        """Keep only the first `n` tokens; the cache keeps its K/V for them (no recomputation)."""
+        seq = self._get(seq_id)
+        if not 0 <= n <= len(seq.tokens):
+            raise ValueError(f"cannot crop sequence {seq_id!r} of {len(seq.tokens)} tokens to {n}")
+        del seq.tokens[n:]
+        if n < seq.cached:
+            self._drop_cached(seq_id, seq.cached - n)
+
+    def remove(self, seq_id: str) -> None:
+        """Forget a sequence and free its cache; unknown ids are ignored (cancellation may race)."""
+        if self._seqs.pop(seq_id, None) is None:
+            return
+        packed = self._packed
+        if packed is not None and seq_id in packed.row_of:
+            packed.rows[packed.row_of.pop(seq_id)] = None
+            if not packed.row_of:
+                self._packed = None
+
+    def token_ids(self, seq_id: str) -> list[int]:
+        return list(self._get(seq_id).tokens)
+
+    def num_cached(self, seq_id: str) -> int:
+        return self._get(seq_id).cached
+
+    def _get(self, seq_id: str) -> _Sequence:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise KeyError(f"member {self.name!r} has no sequence {seq_id!r}") from None
+
+    def _checked_ids(self, ids: Sequence[int]) -> list[int]:
+        tokens = [int(t) for t in ids]
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
+            raise InvalidRequest(f"token ids must lie in [0, {self.vocab_size}) for member {self.name!r}")
+        return tokens
+
+    def _check_length(self, seq_id: str, length: int) -> None:
+        if length > self.max_context:
+            raise PromptTooLong(
+                f"sequence {seq_id!r} would hold {length} tokens; member {self.name!r} "
+                f"has a context window of {self.max_context}"
+            )
+
+    def _drop_cached(self, seq_id: str, count: int) -> None:
+        """Forget the K/V of the last `count` cached tokens (they become pending again if kept)."""
+        seq = self._seqs[seq_id]
+        seq.cached -= count
+        packed = self._packed
+        if packed is not None and seq_id in packed.row_of:
+            row = packed.positions[packed.row_of[seq_id]]
+            row[row >= seq.cached] = -1
+        elif seq.cached == 0:
+            seq.cache = None
+        elif seq.cache is not None:
+            seq.cache.crop(-count)
+
+    # ----------------------------------------------------------------- step
+
+    @torch.inference_mode()
+    def step(
+        self,
+        seq_ids: Sequence[str],
+        *,
+        top_k: int = 64,
+        full: bool | Collection[str] = False,
+        echo: Collection[str] = (),
+        echo_top_k: int = 0,
+    ) -> dict[str, StepOutput]:
+        """One batched forward over `seq_ids`; returns each one's next-token distribution."""
+        ids = list(seq_ids)
+        self._check_step_args(ids, top_k, echo_top_k)
+        echo_set = set(echo)
+        feeds = [self._plan(seq_id, seq_id in echo_set) for seq_id in ids]
+        keep = max(len(f.tokens) for f in feeds) if echo_set & set(ids) else 1
+        try:
+            if not echo_set & set(ids):
+                feeds = self._catch_up(feeds)
+            logits, rows = self._forward(feeds, keep)
+        except BaseException:
+            self._forget_caches(ids)  # a failed catch-up leaves the whole step's sequences to recompute
+            raise
+        self.stats.steps += 1
+        self.stats.last_batch_size = len(ids)
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(ids))
+        full_set = set(ids) if full is True else set(full or ())
+        return self._outputs(feeds, logits, rows, top_k, full_set, echo_top_k)
+
+    def _forward(self, feeds: list[_Feed], keep: int) -> tuple[torch.Tensor, list[int]]:
+        ids = [f.seq_id for f in feeds]
+        started = time.perf_counter()
+        try:
+            if len(feeds) == 1:
+                logits, rows = self._forward_solo(feeds[0], keep), [0]
+            else:
+                logits, rows = self._forward_packed(feeds, keep)
+        except BaseException:
+            self._forget_caches(ids)
+            raise
+        self._record(feeds, time.perf_counter() - started)
+        return logits, rows
+
+    def _catch_up(self, feeds: list[_Feed]) -> list[_Feed]:
+        """Feed the pending tokens of wide rows, all but their last, in a forward of their own.
+
+        A batch is padded to its widest feed: one sequence catching up ten tokens
+        (a prefill, or `me`'s lazy catch-up) would make every one-token row of the
+        step pay for ten. Running the wide rows' prefixes first leaves a step of
+        width one, so the padding is paid only among the wide rows.
+        """
+        wide = [f for f in feeds if len(f.tokens) > 1]
+        if len(feeds) == 1 or not wide or (len(wide) == len(feeds) and len({len(f.tokens) for f in wide}) == 1):
+            return feeds
+        self._forward([_Feed(f.seq_id, f.start, f.tokens[:-1], None) for f in wide], 1)
+        return [
+            _Feed(f.seq_id, f.start + len(f.tokens) - 1, f.tokens[-1:], None) if len(f.tokens) > 1 else f
+            for f in feeds
+        ]
+
+    def _forget_caches(self, seq_ids: list[str]) -> None:
+        """After a failed forward: some layers may hold the new K/V and others not, so the only
+        trustworthy cache is none. The sequences keep their tokens and are recomputed next step."""
+        affected = set(seq_ids)
+        if self._packed is not None and affected & self._packed.row_of.keys():
+            affected |= self._packed.row_of.keys()
+            self._packed = None
+        for seq_id in affected:
+            seq = self._seqs[seq_id]
+            seq.cached, seq.cache = 0, None
+
+    def _check_step_args(self, ids: list[str], top_k: int, echo_top_k: int) -> None:
+        if not ids:
+            raise ValueError("step needs at least one sequence")
+        if len(set(ids)) != len(ids):
+            raise ValueError("step got the same sequence twice")
+        if top_k < 0 or echo_top_k < 0:
+            raise ValueError("top_k and echo_top_k must be >= 0")
+        for seq_id in ids:
+            if not self._get(seq_id).tokens:
+                raise ValueError(f"sequence {seq_id!r} has no tokens to step on")
+
+    def _plan(self, seq_id: str, echo: bool) -> _Feed:
+        """Decide what this sequence feeds, rolling its cache back where the output needs it."""
+        seq = self._seqs[seq_id]
+        if seq.cached == len(seq.tokens):
+            # Nothing new: re-run the last token so the output is still the next-token distribution.
+            self._drop_cached(seq_id, 1)
+        echo_from = None
+        if echo:
+            echo_from = max(seq.cached, 1)
+            if seq.cached > 0:
+                # The first new token's log-prob comes from the previous token's logits: recompute them.
+                self._drop_cached(seq_id, 1)
+        return _Feed(seq_id, seq.cached, seq.tokens[seq.cached :], echo_from)
+
+    def _forward_solo(self, feed: _Feed, keep: int) -> torch.Tensor:
+        """Batch of one: the sequence's own cache goes straight to the model (no copy, no mask)."""
+        if self._packed is not None and feed.seq_id in self._packed.row_of:
+            self._unpack()
+        seq = self._seqs[feed.seq_id]
+        cache = seq.cache if seq.cache is not None else DynamicCache()
+        input_ids = torch.tensor([feed.tokens], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        seq.cache = cache
+        return out.logits
+
+    def _forward_packed(self, feeds: list[_Feed], keep: int) -> tuple[torch.Tensor, list[int]]:
+        """Returns the logits in pack order and the row of each feed."""
+        packed = self._packed_for([f.seq_id for f in feeds])
+        order = sorted(feeds, key=lambda f: packed.row_of[f.seq_id])
+        width = max(len(f.tokens) for f in order)
+        input_ids = torch.full((len(order), width), self._pad_id, dtype=torch.long)
+        new_positions = torch.full((len(order), width), -1, dtype=torch.long)
+        for row, feed in enumerate(order):
+            n = len(feed.tokens)
+            input_ids[row, width - n :] = torch.tensor(feed.tokens, dtype=torch.long)
+            new_positions[row, width - n :] = torch.arange(feed.start, feed.start + n)
+        new_positions = new_positions.to(self.device)
+        all_positions = torch.cat([packed.positions, new_positions], dim=1)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=self._masks(new_positions, all_positions),
+            position_ids=new_positions.clamp(min=0),
+            past_key_values=packed.cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        )
+        packed.positions = all_positions
+        return out.logits, [packed.row_of[f.seq_id] for f in feeds]
+
+    def _record(self, feeds: list[_Feed], seconds: float) -> None:
+        for feed in feeds:
+            self._seqs[feed.seq_id].cached += len(feed.tokens)
+        stats = self.stats
+        stats.forward_seconds += seconds
+        stats.tokens_fed += sum(len(f.tokens) for f in feeds)
+
+    # -------------------------------------------------------------- packing
+
+    def _packed_for(self, seq_ids: list[str]) -> _Packed:
+        packed = self._packed
+        if packed is not None and packed.holds_exactly(seq_ids):
+            if not packed.is_wasteful([self._seqs[s].cached for s in seq_ids]):
+                return packed
+        self._unpack()
+        return self._pack(seq_ids)
+
+    def _pack(self, seq_ids: list[str]) -> _Packed:
+        """One batched cache of these sequences, each right-aligned (left padding), moving their K/V in."""
+        seqs = [self._seqs[s] for s in seq_ids]
+        width = max(seq.cached for seq in seqs)
+        positions = torch.full((len(seqs), width), -1, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            positions[row, width - seq.cached :] = torch.arange(seq.cached)
+        sources = [_kv(seq.cache) if seq.cache is not None else None for seq in seqs]
+        template = next((s for s in sources if s is not None), None)
+        layers = []
+        for layer_idx, (k0, v0) in enumerate(template or []):
+            keys = k0.new_zeros((len(seqs), k0.shape[1], width, k0.shape[3]))
+            values = v0.new_zeros((len(seqs), v0.shape[1], width, v0.shape[3]))
+            for row, (seq, source) in enumerate(zip(seqs, sources, strict=True)):
+                if source is not None:
+                    keys[row, :, width - seq.cached :] = source[layer_idx][0][0]
+                    values[row, :, width - seq.cached :] = source[layer_idx][1][0]
+            layers.append((keys, values))
+        for seq in seqs:
+            seq.cache = None
+        packed = _Packed(
+            rows=list(seq_ids),
+            cache=_cache_of(layers),
+            positions=positions.to(self.device),
+            row_of={s: i for i, s in enumerate(seq_ids)},
+        )
+        self._packed = packed
+        self.stats.repacks += 1
+        return packed
+
+    def _unpack(self) -> None:
+        """Give every packed sequence its own compact cache again."""
+        packed = self._packed
+        if packed is None:
+            return
+        layers = _kv(packed.cache)
+        for seq_id, row in packed.row_of.items():
+            seq = self._seqs[seq_id]
+            columns = (packed.positions[row] >= 0).nonzero().squeeze(1)
+            if len(columns) != seq.cached:
+                raise RuntimeError(
+                    f"packed cache of {seq_id!r} holds {len(columns)} tokens, expected {seq.cached}"
+                )
+            if seq.cached == 0:
+                seq.cache = None
+                continue
+            seq.cache = _cache_of(
+                [
+                    (k[row : row + 1].index_select(2, columns), v[row : row + 1].index_select(2, columns))
+                    for k, v in layers
+                ]
+            )
+        self._packed = None
+
+    # --------------------------------------------------------------- masks
+
+    def _masks(
+        self, query_positions: torch.Tensor, key_positions: torch.Tensor
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """4-D masks from token positions: causal (and windowed) in positions, not columns.
+
+        Padding queries (position -1) attend to their own column only, so no row of the
+        softmax is empty (an all-masked row gives NaN in SDPA).
+        """
+        width, total = query_positions.shape[1], key_positions.shape[1]
+        q = query_positions[:, None, :, None]
+        k = key_positions[:, None, None, :]
+        causal = (k >= 0) & (k <= q)
+        columns = torch.arange(total, device=q.device)
+        own_column = columns[None, None, None, :] == (columns[total - width :])[None, None, :, None]
+        padding_self = (q < 0) & own_column
+        window = getattr(self._config, "sliding_window", None)
+        layer_types = getattr(self._config, "layer_types", None)
+        if layer_types is None:
+            mask = causal if window is None else causal & (q - k < window)
+            return self._mask_format(mask | padding_self)
+        masks = {}
+        for layer_type in set(layer_types):
+            mask = causal & (q - k < window) if layer_type == "sliding_attention" else causal
+            masks[layer_type] = self._mask_format(mask | padding_self)
+        return masks
+
+    def _mask_format(self, mask: torch.Tensor) -> torch.Tensor:
+        if self._config._attn_implementation == "sdpa":
+            return mask
+        # eager attention adds the mask to the scores.
+        zero = torch.zeros((), dtype=self._dtype, device=mask.device)
+        return torch.where(mask, zero, torch.finfo(self._dtype).min)
+
+    # -------------------------------------------------------------- outputs
+
+    def _outputs(
+        self,
+        feeds: list[_Feed],
+        logits: torch.Tensor,
+        rows: list[int],
+        top_k: int,
+        full_set: set[str],
+        echo_top_k: int,
+    ) -> dict[str, StepOutput]:
+        last = logits[:, -1, :].float()
+        # log-softmax = logits - logsumexp: the full [rows, V] log-probs are only built when asked.
+        normaliser = last.logsumexp(dim=-1, keepdim=True)
+        top_values, top_ids = top_k_exact(last, min(top_k, self.vocab_size))
+        top_values, top_ids = (top_values - normaliser).cpu(), top_ids.cpu()
+        results = {}
+        for row, feed in zip(rows, feeds, strict=True):
+            out = StepOutput(top_ids=top_ids[row].clone(), top_logprobs=top_values[row].clone())
+            if feed.seq_id in full_set:
+                out.logprobs = (last[row] - normaliser[row]).cpu()
+            if feed.echo_from is not None:
+                out.echo_logprobs, out.echo_top = self._echo(feed, logits[row], echo_top_k)
+            results[feed.seq_id] = out
+        return results
+
+    def _echo(
+        self, feed: _Feed, row_logits: torch.Tensor, echo_top_k: int
+    ) -> tuple[list[float], tuple[torch.Tensor, torch.Tensor] | None]:
+        """Log-probs of the fed tokens from `echo_from` on, each given the tokens before it."""
+        assert feed.echo_from is not None
+        end = feed.start + len(feed.tokens)
+        targets = list(range(feed.echo_from, end))
+        # The row's last len(tokens) columns hold the fed tokens; column c predicts position start + c' + 1.
+        first_column = row_logits.shape[0] - len(feed.tokens)
+        columns = [first_column + (t - 1 - feed.start) for t in targets]
+        logprobs = row_logits[columns].float().log_softmax(dim=-1)
+        target_ids = torch.tensor([feed.tokens[t - feed.start] for t in targets], dtype=torch.long)
+        picked = logprobs.gather(1, target_ids.to(logprobs.device)[:, None]).squeeze(1)
+        echo_top = None
+        if echo_top_k > 0:
+            values, ids = top_k_exact(logprobs, min(echo_top_k, self.vocab_size))
+            echo_top = (ids.cpu(), values.cpu())
+        return picked.cpu().tolist(), echo_top
