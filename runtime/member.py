@@ -50,6 +50,8 @@ _SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 # has a hole in, times rows) than it holds real tokens, and at least this many, so
 # attention never runs over mostly empty columns for long yet repacks stay rare.
 _MIN_EXCESS_TO_REPACK = 256
+# Padding slots (batch × widest feed − real tokens) below which a step is not split in two.
+_MIN_PADDING_TO_SPLIT = 64
 # Block width of `top_k_exact`; 512 divides both real vocabularies (49,152 and 262,144).
 _TOP_K_BLOCK = 512
 
@@ -346,9 +348,15 @@ class MemberEngine:
         width one, so the padding is paid only among the wide rows.
         """
         wide = [f for f in feeds if len(f.tokens) > 1]
-        if len(feeds) == 1 or not wide or (len(wide) == len(feeds) and len({len(f.tokens) for f in wide}) == 1):
+        if len(feeds) == 1 or not wide:
             return feeds
-        self._forward([_Feed(f.seq_id, f.start, f.tokens[:-1], None) for f in wide], 1)
+        tokens = sum(len(f.tokens) for f in feeds)
+        padded = len(feeds) * max(len(f.tokens) for f in feeds)
+        # A second forward re-reads every weight: worth it only when padding would cost more than that
+        # (a prefill joining decodes), not for `me`'s catch-ups of a token or two.
+        if padded < 2 * tokens or padded - tokens < _MIN_PADDING_TO_SPLIT:
+            return feeds
+        self._forward([_Feed(f.seq_id, f.start, f.tokens[:-1], None) for f in wide], 0)
         return [
             _Feed(f.seq_id, f.start + len(f.tokens) - 1, f.tokens[-1:], None) if len(f.tokens) > 1 else f
             for f in feeds
@@ -397,9 +405,9 @@ class MemberEngine:
         seq = self._seqs[feed.seq_id]
         cache = seq.cache if seq.cache is not None else DynamicCache()
         input_ids = torch.tensor([feed.tokens], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        out = self._run(keep, input_ids=input_ids, past_key_values=cache, use_cache=True)
         seq.cache = cache
-        return out.logits
+        return out
 
     def _forward_packed(self, feeds: list[_Feed], keep: int) -> tuple[torch.Tensor, list[int]]:
         """Returns the logits in pack order and the row of each feed."""
@@ -414,16 +422,24 @@ class MemberEngine:
             new_positions[row, width - n :] = torch.arange(feed.start, feed.start + n)
         new_positions = new_positions.to(self.device)
         all_positions = torch.cat([packed.positions, new_positions], dim=1)
-        out = self.model(
+        logits = self._run(
+            keep,
             input_ids=input_ids.to(self.device),
             attention_mask=self._masks(new_positions, all_positions),
             position_ids=new_positions.clamp(min=0),
             past_key_values=packed.cache,
             use_cache=True,
-            logits_to_keep=keep,
         )
         packed.positions = all_positions
-        return out.logits, [packed.row_of[f.seq_id] for f in feeds]
+        return logits, [packed.row_of[f.seq_id] for f in feeds]
+
+    def _run(self, keep: int, **inputs: Any) -> torch.Tensor:
+        """The model's logits for the last `keep` positions; keep=0 fills the KV caches only,
+        skipping the output layer (for Gemma-3 the 262k-wide projection is half a decode step)."""
+        if keep == 0:
+            self.model.base_model(**inputs)
+            return torch.empty(0)
+        return self.model(**inputs, logits_to_keep=keep).logits
 
     def _record(self, feeds: list[_Feed], seconds: float) -> None:
         for feed in feeds:

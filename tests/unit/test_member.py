@@ -448,3 +448,28 @@ def test_bf16_model_gives_fp32_outputs() -> None:
     result = half.step(["s"], full=True)["s"]
     assert result.top_logprobs.dtype == torch.float32 and result.logprobs is not None
     assert result.logprobs.dtype == torch.float32
+
+
+def test_a_prefill_joining_decodes_runs_apart_and_matches(engine: MemberEngine) -> None:
+    rng = random.Random(31)
+    for name in "abc":
+        engine.add(name, random_ids(rng, 4))
+    engine.step(["a", "b", "c"])
+    for name in "abc":
+        engine.extend(name, random_ids(rng, 1))
+    engine.add("long", random_ids(rng, 120))  # padding every decode row to 120 would triple the work
+    fed_before = engine.stats.tokens_fed
+    widths: list[int] = []
+    forward = engine._forward
+
+    def counting(feeds: Any, keep: int) -> Any:
+        widths.append(max(len(f.tokens) for f in feeds))
+        return forward(feeds, keep)
+
+    engine._forward = counting  # type: ignore[method-assign]
+    out = engine.step(["a", "b", "c", "long"], full=True)
+    assert widths == [119, 1]  # the prompt's prefix alone, then one token for every row
+    assert engine.stats.tokens_fed - fed_before == 3 + 120
+    assert engine.stats.steps == 2 and engine.stats.last_batch_size == 4
+    for name in ("a", "b", "c", "long"):
+        assert_matches_reference(engine, name, out[name])
