@@ -95,7 +95,7 @@ class MeanStrategy(Strategy):
         keys = list(dict.fromkeys(k for name in weights for k in tops[name]))
         if forced is not None and forced.key not in keys:
             keys.append(forced.key)
-        fused = torch.zeros(len(keys))
+        fused = [0.0] * len(keys)  # plain floats: per-element tensor updates cost more than the arithmetic
         owners: list[tuple[str, int, float]] = [("", -1, -math.inf)] * len(keys)
         for name, weight in weights.items():
             table, result = self.ctx.table(name), results[name]
@@ -121,7 +121,8 @@ class MeanStrategy(Strategy):
                     if score > owners[i][2]:
                         owners[i] = (name, token_id, score)
         candidates = [Candidate(k, owner, tid) for k, (owner, tid, _) in zip(keys, owners, strict=True)]
-        decision = Decision(candidates, torch.log(fused / fused.sum()), fused=True)
+        total = torch.tensor(fused)
+        decision = Decision(candidates, torch.log(total / total.sum()), fused=True)
         if forced is not None:
             decision.forced_logprob = float(decision.logprobs[keys.index(forced.key)])
         return decision
