@@ -9,6 +9,7 @@ for the CLI and jobs, and embedded in each Serve replica, which saves a hop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -153,8 +154,10 @@ class Coordinator:
         seq_id = self.core.add(prompt, params, options)
         strategy = (options.strategy if options else None) or self.config.strategy
         self.metrics.requests.inc(tags=self.metrics.tagged(strategy=strategy))
-        async for delta in self._follow(seq_id, timed=True):
-            yield delta
+        # aclosing: a caller that leaves frees its sequence now, not when the generator is collected.
+        async with contextlib.aclosing(self._follow(seq_id, timed=True)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def score(self, context: Prompt, continuation: str, options: RequestOptions | None = None) -> list[TokenLogprob]:
         """Log-probability of each piece of `continuation` (main member's tokens) after `context`, under the ensemble."""
@@ -214,7 +217,11 @@ class Coordinator:
                     await self._abort(cancelled)
                 if not self.core.has_work:
                     break
-                await self._step_once()
+                try:
+                    await self._step_once()
+                except Exception as error:  # this loop serves every request: it must not die
+                    log.exception("ensemble loop iteration failed")
+                    self._fail_running(error, waiting_too=True)
 
     async def _abort(self, seq_ids: set[str]) -> None:
         try:
@@ -280,7 +287,8 @@ class Coordinator:
         for member, seconds in stats.member_seconds.items():
             self.metrics.member_step.observe(seconds, tags=self.metrics.tagged(member=member))
         self.metrics.fusion.observe(stats.fusion_seconds, tags=tags)
-        self.metrics.tokens.inc(len(deltas), tags=tags)
+        if deltas:  # Ray counters refuse increments of zero (a vote holds its answers back until all are in)
+            self.metrics.tokens.inc(len(deltas), tags=tags)
         self.metrics.running.set(len(self.core.running), tags=tags)
 
     # -- introspection (tests, benchmarks, health) --------------------------------------------

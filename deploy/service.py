@@ -1,0 +1,265 @@
+"""The OpenAI endpoints' behaviour over one ensemble engine, independent of FastAPI and Serve.
+
+Each method validates a request into runtime types (deploy/convert.py), starts
+its sequences (deploy/streams.py) and answers with a response model, or with an
+async iterator of server-sent-event lines when `stream` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deploy import convert
+from deploy.errors import Unsupported, sse_error
+from deploy.openai_api import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from deploy.streams import Engine, Finished, Job, Primed, collect, merge, prime_all
+from runtime.config import EnsembleConfig
+from runtime.core import RequestOptions, TokenLogprob
+from runtime.errors import ConsortError, PromptTooLong
+from runtime.prompts import Prompt, prompt_ids
+
+log = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: Any) -> str:
+    body = (
+        payload.model_dump_json(exclude_none=False)
+        if hasattr(payload, "model_dump_json")
+        else json.dumps(payload)
+    )
+    return f"data: {body}\n\n"
+
+
+class OpenAIService:
+    """/v1/models, /v1/completions and /v1/chat/completions over a coordinator."""
+
+    def __init__(self, engine: Engine, config: EnsembleConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.created = int(time.time())
+
+    # -- models --------------------------------------------------------------------------------
+    def models(self) -> ModelList:
+        cards = [ModelCard(id=self.config.name, created=self.created, root="ensemble")]
+        cards += [ModelCard(id=m.name, created=self.created, root=m.model) for m in self.config.members]
+        return ModelList(data=cards)
+
+    # -- completions ---------------------------------------------------------------------------
+    async def completions(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        convert.check_supported(request)
+        options = convert.request_options(request, request.model, self.config, request.logprobs)
+        prompts = convert.completion_prompts(request.prompt)
+        jobs = [
+            Job(p * request.n + i, prompt, convert.sampling_params(request, request.max_tokens, i), options)
+            for p, prompt in enumerate(prompts)
+            for i in range(request.n)
+        ]
+        # After validating every field: scoring the prompt is work a bad request should not cost.
+        echoed = await self._echo(prompts, options) if request.echo else None
+        streams = await prime_all(self.engine, jobs)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if request.stream:
+            return self._stream_completion(request, streams, rid, created, prompts, echoed)
+        finished = await collect(streams)
+        choices = []
+        for item in finished:
+            prompt_text = prompts[item.index // request.n].text or ""
+            text = (prompt_text if request.echo else "") + item.text
+            logprobs = None
+            if request.logprobs is not None:
+                entries = (echoed[item.index // request.n] if echoed else []) + item.logprobs
+                logprobs = convert.completion_logprobs(entries, 0)
+            choices.append(
+                CompletionChoice(
+                    index=item.index, text=text, logprobs=logprobs, finish_reason=item.finish_reason
+                )
+            )
+        return CompletionResponse(
+            id=rid, created=created, model=request.model, choices=choices, usage=_usage(finished, request.n)
+        )
+
+    async def _echo(self, prompts: list[Prompt], options: RequestOptions) -> list[list[TokenLogprob]] | None:
+        """Prompt tokens with their log-probs, when log-probs are asked for with echo (None: text only)."""
+        if options.logprobs is None:
+            return None
+        prompt_logprobs = getattr(self.engine, "prompt_logprobs", None)
+        if prompt_logprobs is None:
+            raise Unsupported("echo is not supported with logprobs by this server", param="echo")
+        return [
+            convert.echo_entries(p.text or "", await prompt_logprobs(p.text or "", options)) for p in prompts
+        ]
+
+    async def _stream_completion(
+        self,
+        request: CompletionRequest,
+        streams: list[Primed],
+        rid: str,
+        created: int,
+        prompts: list[Prompt],
+        echoed: list[list[TokenLogprob]] | None,
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            return sse(
+                CompletionResponse(id=rid, created=created, model=request.model, choices=choices, usage=usage)
+            )
+
+        offsets = {p.index: 0 for p in streams}
+        finished = {p.index: Finished(p.index) for p in streams}
+        try:
+            if request.echo:
+                for p in streams:
+                    prompt_text = prompts[p.index // request.n].text or ""
+                    entries = echoed[p.index // request.n] if echoed else []
+                    logprobs = (
+                        convert.completion_logprobs(entries, 0) if request.logprobs is not None else None
+                    )
+                    offsets[p.index] = len(prompt_text)
+                    yield chunk([CompletionChoice(index=p.index, text=prompt_text, logprobs=logprobs)])
+            async for index, delta in merge(streams):
+                _track(finished[index], delta)
+                if not delta.text and not delta.logprobs and delta.finish_reason is None:
+                    continue  # text held back (a possible stop string, a split character): nothing to say yet
+                logprobs: CompletionLogprobs | None = None
+                if request.logprobs is not None:
+                    logprobs = convert.completion_logprobs(delta.logprobs, offsets[index])
+                offsets[index] += len(delta.text)
+                yield chunk(
+                    [
+                        CompletionChoice(
+                            index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
+                        )
+                    ]
+                )
+            if request.stream_options and request.stream_options.include_usage:
+                yield chunk([], _usage(list(finished.values()), request.n))
+        except ConsortError as error:
+            log.warning("stream failed: %s", error)
+            yield sse_error(error)
+        except Exception as error:  # the response has begun: report in-band rather than cut the stream
+            log.exception("stream failed unexpectedly")
+            yield sse_error(ConsortError(f"internal error: {type(error).__name__}: {error}"))
+        yield DONE
+
+    # -- chat ----------------------------------------------------------------------------------
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+        convert.check_supported(request)
+        top = (request.top_logprobs or 0) if request.logprobs else None
+        if request.top_logprobs is not None and not request.logprobs:
+            raise Unsupported("top_logprobs needs logprobs=true", param="top_logprobs")
+        options = convert.request_options(request, request.model, self.config, top)
+        prompt = convert.chat_prompt(request.messages)
+        max_tokens = (
+            request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        )
+        if max_tokens is None:
+            max_tokens = self._room(prompt)
+        jobs = [
+            Job(i, prompt, convert.sampling_params(request, max_tokens, i), options) for i in range(request.n)
+        ]
+        streams = await prime_all(self.engine, jobs)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if request.stream:
+            return self._stream_chat(request, streams, rid, created)
+        finished = await collect(streams)
+        choices = [
+            ChatChoice(
+                index=item.index,
+                message=ChatMessageOut(role="assistant", content=item.text),
+                logprobs=convert.chat_logprobs(item.logprobs) if request.logprobs else None,
+                finish_reason=item.finish_reason,
+            )
+            for item in finished
+        ]
+        return ChatCompletionResponse(
+            id=rid, created=created, model=request.model, choices=choices, usage=_usage(finished, request.n)
+        )
+
+    def _room(self, prompt: Prompt) -> int:
+        """Default chat max_tokens, as vLLM: what every member's context leaves after the prompt, capped."""
+        core = getattr(self.engine, "core", None)
+        if core is None:
+            return self.config.max_tokens_limit
+        room = min(
+            core.ctx.max_context[name] - len(prompt_ids(core.members[name].tokenizer, prompt))
+            for name in core.ctx.names
+        )
+        if room < 1:
+            raise PromptTooLong(f"the conversation fills the context ({room} tokens left); shorten it")
+        return min(room, self.config.max_tokens_limit)
+
+    async def _stream_chat(
+        self, request: ChatCompletionRequest, streams: list[Primed], rid: str, created: int
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            return sse(
+                ChatCompletionChunk(
+                    id=rid, created=created, model=request.model, choices=choices, usage=usage
+                )
+            )
+
+        finished = {p.index: Finished(p.index) for p in streams}
+        try:
+            for p in streams:
+                # OpenAI's first chunk of each choice carries the role and empty content.
+                yield chunk(
+                    [ChatChunkChoice(index=p.index, delta=ChatMessageOut(role="assistant", content=""))]
+                )
+            async for index, delta in merge(streams):
+                _track(finished[index], delta)
+                if not delta.text and not delta.logprobs and delta.finish_reason is None:
+                    continue
+                logprobs = convert.chat_logprobs(delta.logprobs) if request.logprobs else None
+                yield chunk(
+                    [
+                        ChatChunkChoice(
+                            index=index,
+                            delta=ChatMessageOut(content=delta.text),
+                            logprobs=logprobs,
+                            finish_reason=delta.finish_reason,
+                        )
+                    ]
+                )
+            if request.stream_options and request.stream_options.include_usage:
+                yield chunk([], _usage(list(finished.values()), request.n))
+        except ConsortError as error:
+            log.warning("stream failed: %s", error)
+            yield sse_error(error)
+        except Exception as error:  # the response has begun: report in-band rather than cut the stream
+            log.exception("stream failed unexpectedly")
+            yield sse_error(ConsortError(f"internal error: {type(error).__name__}: {error}"))
+        yield DONE
+
+
+def _track(item: Finished, delta: Any) -> None:
+    item.prompt_tokens = delta.prompt_tokens or item.prompt_tokens
+    item.completion_tokens = delta.completion_tokens
+    if delta.finish_reason is not None:
+        item.finish_reason = delta.finish_reason
+
+
+def _usage(finished: list[Finished], n: int) -> Usage:
+    """Prompt tokens count once per prompt (choices of one prompt share it), completion tokens per choice."""
+    prompt = sum(item.prompt_tokens for item in finished if item.index % n == 0)
+    completion = sum(item.completion_tokens for item in finished)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

@@ -1,0 +1,149 @@
+"""Running several sequences of one request: start them together, then merge or collect their deltas.
+
+Admission errors (overload, a prompt too long, an unknown strategy) surface at
+a coordinator stream's first step, so every stream is *primed* (its first delta
+awaited) before the HTTP response starts: such errors then get their own status
+code (429, 400) instead of appearing inside a 200 stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from runtime.core import Delta, RequestOptions, TokenLogprob
+from runtime.prompts import Prompt
+from runtime.sampling import SamplingParams
+
+
+class Engine(Protocol):
+    """What the HTTP layer needs of a coordinator (actors.coordinator.Coordinator satisfies it)."""
+
+    def generate(
+        self, prompt: Prompt, params: SamplingParams, options: RequestOptions | None = None
+    ) -> AsyncIterator[Delta]: ...
+
+
+@dataclass
+class Job:
+    """One sequence of a request: its choice index and what to run."""
+
+    index: int
+    prompt: Prompt
+    params: SamplingParams
+    options: RequestOptions
+
+
+@dataclass
+class Primed:
+    """A started stream and the first delta it produced."""
+
+    index: int
+    first: Delta
+    rest: AsyncIterator[Delta]
+
+    async def aclose(self) -> None:
+        aclose: Callable[[], object] | None = getattr(self.rest, "aclose", None)
+        if aclose is not None:
+            await aclose()  # type: ignore[misc]
+
+
+async def _prime(engine: Engine, job: Job) -> Primed:
+    stream = engine.generate(job.prompt, job.params, job.options)
+    try:
+        first = await anext(stream)
+    except BaseException:
+        # Free the sequence if it was admitted; aclose refuses only a generator that is still running.
+        with contextlib.suppress(RuntimeError):
+            await stream.aclose()  # type: ignore[attr-defined]
+        raise
+    return Primed(job.index, first, stream)
+
+
+async def prime_all(engine: Engine, jobs: list[Job]) -> list[Primed]:
+    """Start every job at once (they batch together); if one fails, close the others and raise its error."""
+    if len(jobs) == 1:
+        return [await _prime(engine, jobs[0])]
+    results = await asyncio.gather(*(_prime(engine, j) for j in jobs), return_exceptions=True)
+    started = [r for r in results if isinstance(r, Primed)]
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is not None:
+        await asyncio.gather(*(p.aclose() for p in started))
+        raise failure
+    return started
+
+
+async def _one(primed: Primed) -> AsyncIterator[tuple[int, Delta]]:
+    yield primed.index, primed.first
+    if primed.first.finish_reason is not None:
+        return
+    async for delta in primed.rest:
+        yield primed.index, delta
+
+
+async def merge(streams: list[Primed]) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) as they come from all streams; closing this closes them all."""
+    if len(streams) == 1:
+        # The common case takes no task or queue hop per token.
+        try:
+            async for item in _one(streams[0]):
+                yield item
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
+
+    async def pump(primed: Primed) -> None:
+        try:
+            async for item in _one(primed):
+                queue.put_nowait(item)
+        except Exception as error:  # handed to the consumer, which re-raises it
+            queue.put_nowait(error)
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(p)) for p in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()  # cancelling a pump leaves its coordinator stream, which frees the sequence
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(p.aclose() for p in streams))
+
+
+@dataclass
+class Finished:
+    """A whole sequence, collected."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+async def collect(streams: list[Primed]) -> list[Finished]:
+    """Run every stream to its end; results in choice order."""
+    done = {p.index: Finished(p.index) for p in streams}
+    async for index, delta in merge(streams):
+        item = done[index]
+        item.text += delta.text
+        item.logprobs.extend(delta.logprobs)
+        item.prompt_tokens = delta.prompt_tokens or item.prompt_tokens
+        item.completion_tokens = delta.completion_tokens
+        if delta.finish_reason is not None:
+            item.finish_reason = delta.finish_reason
+    return [done[i] for i in sorted(done)]

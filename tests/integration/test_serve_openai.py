@@ -1,0 +1,309 @@
+"""The OpenAI endpoint end to end: real Ray, real Serve, real HTTP, the official `openai` client, tiny models.
+
+One application (two tiny members, mean) serves the whole module; authentication is off here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def base_url(openai_app: str) -> str:
+    return openai_app
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _stream_text(stream: Any, kind: str) -> tuple[str, str | None, list[Any]]:
+    text, finish, chunks = "", None, []
+    for chunk in stream:
+        chunks.append(chunk)
+        for choice in chunk.choices:
+            piece = choice.delta.content if kind == "chat" else choice.text
+            text += piece or ""
+            finish = choice.finish_reason or finish
+    return text, finish, chunks
+
+
+def test_models_lists_the_ensemble_then_each_member(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["consort", "smollm2", "gemma3"]
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="consort", messages=CHAT, max_tokens=8, temperature=0)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.model == "consort"
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_completion(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model="consort", prompt="The sky is", max_tokens=6, temperature=0)
+    assert reply.object == "text_completion"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0
+
+
+def test_completion_max_tokens_defaults_to_16(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model="consort", prompt="Once upon a time", temperature=0, logprobs=0, extra_body={"ignore_eos": True}
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].logprobs is not None and len(reply.choices[0].logprobs.tokens) == 16
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_streamed_text_equals_non_streamed_text_at_temperature_0(client: openai.OpenAI, kind: str) -> None:
+    if kind == "chat":
+        full = client.chat.completions.create(model="consort", messages=CHAT, max_tokens=12, temperature=0)
+        expected, expected_finish = full.choices[0].message.content, full.choices[0].finish_reason
+        stream = client.chat.completions.create(
+            model="consort", messages=CHAT, max_tokens=12, temperature=0, stream=True
+        )
+    else:
+        full = client.completions.create(
+            model="consort", prompt="Roses are red,", max_tokens=12, temperature=0
+        )
+        expected, expected_finish = full.choices[0].text, full.choices[0].finish_reason
+        stream = client.completions.create(
+            model="consort", prompt="Roses are red,", max_tokens=12, temperature=0, stream=True
+        )
+    text, finish, chunks = _stream_text(stream, kind)
+    assert text == expected
+    assert finish == expected_finish
+    assert len(chunks) > 2, "a stream sends its text in several chunks"
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_with_usage_ends_with_a_usage_chunk(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="consort",
+        messages=CHAT,
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_n_2_returns_two_choices(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="consort", messages=CHAT, max_tokens=6, n=2, temperature=1.0, seed=3
+    )
+    assert sorted(c.index for c in reply.choices) == [0, 1]
+    again = client.chat.completions.create(
+        model="consort", messages=CHAT, max_tokens=6, n=2, temperature=1.0, seed=3
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices], "seeded"
+    stream = client.completions.create(
+        model="consort", prompt="Hello", max_tokens=4, n=2, temperature=0, stream=True
+    )
+    texts: dict[int, str] = {0: "", 1: ""}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts[0] == texts[1], "greedy choices agree"
+
+
+def test_stop_string_ends_the_text_before_it(client: openai.OpenAI) -> None:
+    prompt = "Count: one two three four"
+    free = client.completions.create(
+        model="consort", prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+    )
+    text = free.choices[0].text
+    assert len(text) >= 4, f"need some text to cut: {text!r}"
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    expected = text[: text.find(stop)]
+    for stops in (stop, [stop, "\u2603never"]):
+        cut = client.completions.create(
+            model="consort",
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            stop=stops,
+            extra_body={"ignore_eos": True},
+        )
+        assert cut.choices[0].text == expected
+        assert cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="consort",
+        messages=CHAT,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = reply.choices[0].logprobs.content
+    # One entry per generated piece; an end-of-sequence piece (kept going by ignore_eos) is not text, so not listed.
+    assert content is not None and 1 <= len(content) <= 5
+    for entry in content:
+        assert entry.logprob <= 0 and 1 <= len(entry.top_logprobs) <= 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob), "greedy takes the most likely"
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model="consort",
+        prompt="Hello there",
+        max_tokens=4,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == 0 and "".join(logprobs.tokens) == reply.choices[0].text
+
+
+def test_echo(client: openai.OpenAI, base_url: str) -> None:
+    from actors.coordinator import Coordinator
+
+    reply = client.completions.create(
+        model="consort", prompt="Echo me", max_tokens=3, temperature=0, echo=True
+    )
+    assert reply.choices[0].text.startswith("Echo me")
+    body = {
+        "model": "consort",
+        "prompt": "Echo me",
+        "max_tokens": 3,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 1,
+    }
+    answer = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+    if hasattr(Coordinator, "prompt_logprobs"):
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        logprobs = choice["logprobs"]
+        assert logprobs["token_logprobs"][0] is None and all(lp <= 0 for lp in logprobs["token_logprobs"][1:])
+        assert logprobs["tokens"][0] != "" and logprobs["top_logprobs"][0] is None
+        assert "".join(logprobs["tokens"]) == choice["text"] and choice["text"].startswith("Echo me")
+    else:
+        assert answer.status_code == 400 and "echo is not supported" in answer.json()["error"]["message"]
+
+
+def test_a_member_name_is_that_member_alone(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="gemma3", messages=CHAT, max_tokens=4, temperature=0)
+    assert reply.model == "gemma3" and reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_ensemble_options_in_the_body(client: openai.OpenAI) -> None:
+    for extra in ({"strategy": "me", "weights": [1.0, 3.0]}, {"strategy": "deepen"}, {"gate": 0.5}):
+        reply = client.chat.completions.create(
+            model="consort", messages=CHAT, max_tokens=3, temperature=0, extra_body=extra
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length"), extra
+
+
+def test_health_reports_members(base_url: str) -> None:
+    answer = httpx.get(f"{base_url}/health", timeout=30)
+    assert answer.status_code == 200
+    assert set(answer.json()["members"]) == {"smollm2", "gemma3"}
+
+
+def test_metrics_expose_the_consort_series(client: openai.OpenAI, base_url: str) -> None:
+    client.completions.create(model="consort", prompt="count me", max_tokens=2)
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    assert "# TYPE consort_requests_total counter" in text
+    requests = [line for line in text.splitlines() if line.startswith("consort_requests_total{")]
+    assert requests and sum(float(line.rsplit(" ", 1)[1]) for line in requests) >= 1
+    assert "consort_time_to_first_token_seconds_bucket" in text
+    assert "consort_tokens_generated_total" in text
+
+
+def test_chat_max_tokens_defaults_to_what_the_context_allows(client: openai.OpenAI) -> None:
+    from tests.integration.conftest import MAIN_MAX_TOKENS_LIMIT
+
+    reply = client.chat.completions.create(
+        model="consort", messages=CHAT, temperature=0, logprobs=True, extra_body={"ignore_eos": True}
+    )
+    # Capped by the ensemble's max_tokens limit (the 512-token context leaves more room than that).
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
+    assert 16 < len(reply.choices[0].logprobs.content) <= MAIN_MAX_TOKENS_LIMIT
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_sequence(base_url: str) -> None:
+    import time
+
+    def steps() -> int:
+        return int(httpx.get(f"{base_url}/health", timeout=30).json()["members"]["smollm2"]["steps"])
+
+    before = steps()
+    body = {
+        "model": "consort",
+        "prompt": "Go on and on",
+        "max_tokens": 120,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", f"{base_url}/v1/completions", json=body) as answer,
+    ):
+        lines = answer.iter_lines()
+        for _ in range(3):
+            next(lines)
+    # The connection is closed: Serve cancels the request, the coordinator drops the sequence.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{base_url}/health", timeout=30).json()
+        held = [m["held_sequences"] for m in health["members"].values()]
+        if health["running"] == 0 and health["waiting"] == 0 and held == [0, 0]:
+            assert steps() - before < 100, "the sequence ran on to its end instead of stopping"
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the sequence still runs after its client left: {health}")
+
+
+def test_ray_exports_the_same_metrics_as_ray_consort(client: openai.OpenAI) -> None:
+    import time
+
+    import ray
+
+    client.completions.create(model="consort", prompt="export me", max_tokens=2)
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "ray_consort_requests_total{" in text:
+            return
+        time.sleep(2)
+    raise AssertionError(f"ray_consort_requests_total not on Ray's export port {port}")
+
+
+def test_vote_over_http_returns_one_of_its_sampled_answers(client: openai.OpenAI) -> None:
+    response = client.completions.create(
+        model="consort", prompt="The answer is", max_tokens=4, temperature=0.8, seed=9,
+        extra_body={"strategy": "vote", "vote_samples": 3, "vote_kind": "span", "ignore_eos": True},
+    )
+    again = client.completions.create(
+        model="consort", prompt="The answer is", max_tokens=4, temperature=0.8, seed=9,
+        extra_body={"strategy": "vote", "vote_samples": 3, "vote_kind": "span", "ignore_eos": True},
+    )
+    assert response.choices[0].text and response.choices[0].text == again.choices[0].text
+    assert response.choices[0].finish_reason == "length"
