@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        # `eval` has its own parser; argparse's REMAINDER would reject its leading options (--task ...).
+        argv = ["eval", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not args.debug:

@@ -1,0 +1,151 @@
+"""`--calibrate`: fit member weights on a task's dev split, by a grid over the weight simplex.
+
+Two ways to score a grid point (`--calibrate-mode`):
+
+* `mixture` (default, one pass): each member's log-prob of every piece of each dev
+  continuation (the main member's tokens; the main member by the fast echo path, the
+  others aligned to the same text by the core, alone), then every grid point is
+  evaluated offline as the per-piece weighted mixture (`runtime.calibration.mixture_loglik`,
+  `mean`'s fused probability without its per-step renormalisation). Cost: about one
+  `mean` pass over the dev questions, whatever the grid's size.
+* `exact`: `mean` itself is run with every grid point's weights. Cost: one `mean`
+  pass per grid point.
+
+Multiple choice is scored by accuracy (ties: mean gold log-softmax) or by gold
+log-prob; generation tasks by the per-token log-prob of their first gold answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Literal
+
+from deploy.jobs.eval_backends import Backend
+from runtime.calibration import (
+    CalibrationMetric,
+    CalibrationResult,
+    GridScore,
+    choose,
+    mixture_loglik,
+    multiple_choice_score,
+    simplex_grid,
+)
+from runtime.core import RequestOptions
+from runtime.scoring import Loglik, LoglikRequest, member_alone
+from runtime.tasks import GenerationQuestion, MultipleChoiceQuestion, Question, TaskSpec
+
+CalibrationMode = Literal["mixture", "exact"]
+
+
+def dev_requests(questions: Sequence[Question]) -> tuple[list[LoglikRequest], list[tuple[int, int]]]:
+    requests: list[LoglikRequest] = []
+    spans = []
+    for q in questions:
+        start = len(requests)
+        if isinstance(q, MultipleChoiceQuestion):
+            requests += [LoglikRequest(q.prompt, c) for c in q.choices]
+        else:
+            requests.append(LoglikRequest(q.prompt, f" {q.answers[0]}"))
+        spans.append((start, len(requests)))
+    return requests, spans
+
+
+def _score_point(
+    weights: Sequence[float],
+    item_logliks: Sequence[float],
+    item_tokens: Sequence[int],
+    questions: Sequence[Question],
+    spans: Sequence[tuple[int, int]],
+    spec: TaskSpec,
+) -> GridScore:
+    if spec.kind == "multiple_choice":
+        mc = [q for q in questions if isinstance(q, MultipleChoiceQuestion)]
+        return multiple_choice_score(
+            list(weights),
+            [list(item_logliks[a:b]) for a, b in spans],
+            [q.choices for q in mc],
+            [q.gold for q in mc],
+            normalization=spec.normalization or "none",
+            token_counts=[list(item_tokens[a:b]) for a, b in spans],
+        )
+    per_token = [item_logliks[a] / max(item_tokens[a], 1) for a, _ in spans]
+    return GridScore(
+        weights=list(weights),
+        accuracy=0.0,
+        gold_logprob=sum(per_token) / max(len(per_token), 1),
+        questions=len(questions),
+    )
+
+
+async def _mixture_points(
+    backend: Backend, requests: list[LoglikRequest], grid: Sequence[tuple[float, ...]]
+) -> list[tuple[list[float], list[int]]]:
+    names = [m.name for m in backend.config.members]
+    main = backend.config.main_member
+    per_member: dict[str, list[Loglik]] = {main: await backend.member_logliks(main, requests)}
+    others = [n for n in names if n != main]
+    if others:
+        aligned = await backend.ensemble_logliks(requests, [member_alone(names, n) for n in others])
+        per_member.update(zip(others, aligned, strict=True))
+    tokens = [x.tokens for x in per_member[main]]
+    points = []
+    for weights in grid:
+        logliks = [
+            mixture_loglik(
+                weights,
+                [per_member[n][i].token_logprobs for n in names],
+                [per_member[n][i].logprob for n in names],
+            )
+            for i in range(len(requests))
+        ]
+        points.append((logliks, tokens))
+    return points
+
+
+async def _exact_points(
+    backends: Sequence[Backend], requests: list[LoglikRequest], grid: Sequence[tuple[float, ...]]
+) -> list[tuple[list[float], list[int]]]:
+    # Grid points are spread over the replicas; each replica batches its points together.
+    shares = [list(range(r, len(grid), len(backends))) for r in range(len(backends))]
+    results = await asyncio.gather(
+        *(
+            backend.ensemble_logliks(
+                requests, [RequestOptions(strategy="mean", weights=list(grid[i])) for i in share]
+            )
+            for backend, share in zip(backends, shares, strict=True)
+            if share
+        )
+    )
+    points: list[tuple[list[float], list[int]] | None] = [None] * len(grid)
+    for share, result in zip([s for s in shares if s], results, strict=True):
+        for i, logliks in zip(share, result, strict=True):
+            points[i] = ([x.logprob for x in logliks], [x.tokens for x in logliks])
+    return [p for p in points if p is not None]
+
+
+async def calibrate(
+    backends: Sequence[Backend],
+    spec: TaskSpec,
+    questions: Sequence[Question],
+    *,
+    step: float = 0.1,
+    metric: CalibrationMetric = "accuracy",
+    mode: CalibrationMode = "mixture",
+) -> CalibrationResult:
+    """Best member weights for `spec`'s task on the given dev questions."""
+    config = backends[0].config
+    names = [m.name for m in config.members]
+    grid = simplex_grid(len(names), step)
+    requests, spans = dev_requests(questions)
+    if mode == "mixture":
+        points = await _mixture_points(backends[0], requests, grid)
+    else:
+        points = await _exact_points(backends, requests, grid)
+    scores = [
+        _score_point(weights, logliks, tokens, questions, spans, spec)
+        for weights, (logliks, tokens) in zip(grid, points, strict=True)
+    ]
+    if any(isinstance(q, GenerationQuestion) for q in questions):
+        metric = "loglik"  # generation has no accuracy without generating
+    return choose(scores, metric=metric, task=spec.name, members=names)
