@@ -7,6 +7,7 @@ async iterator of server-sent-event lines when `stream` is set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -40,6 +41,22 @@ from runtime.prompts import Prompt, prompt_ids
 log = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+
+
+async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """An event stream that always ends with [DONE]; a failure after the response began is sent in-band."""
+    try:
+        # aclosing: a client that hangs up closes the inner stream now, which frees its sequences.
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+    except ConsortError as error:
+        log.warning("stream failed: %s", error)
+        yield sse_error(error)
+    except Exception as error:  # the response has begun: report in-band rather than cut the stream
+        log.exception("stream failed unexpectedly")
+        yield sse_error(ConsortError(f"internal error: {type(error).__name__}: {error}"))
+    yield DONE
 
 
 def sse(payload: Any) -> str:
@@ -80,7 +97,7 @@ class OpenAIService:
         streams = await prime_all(self.engine, jobs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
-            return self._stream_completion(request, streams, rid, created, prompts, echoed)
+            return guarded(self._stream_completion(request, streams, rid, created, prompts, echoed))
         finished = await collect(streams)
         choices = []
         for item in finished:
@@ -126,40 +143,30 @@ class OpenAIService:
 
         offsets = {p.index: 0 for p in streams}
         finished = {p.index: Finished(p.index) for p in streams}
-        try:
-            if request.echo:
-                for p in streams:
-                    prompt_text = prompts[p.index // request.n].text or ""
-                    entries = echoed[p.index // request.n] if echoed else []
-                    logprobs = (
-                        convert.completion_logprobs(entries, 0) if request.logprobs is not None else None
+        if request.echo:
+            for p in streams:
+                prompt_text = prompts[p.index // request.n].text or ""
+                entries = echoed[p.index // request.n] if echoed else []
+                logprobs = convert.completion_logprobs(entries, 0) if request.logprobs is not None else None
+                offsets[p.index] = len(prompt_text)
+                yield chunk([CompletionChoice(index=p.index, text=prompt_text, logprobs=logprobs)])
+        async for index, delta in merge(streams):
+            _track(finished[index], delta)
+            if not delta.text and not delta.logprobs and delta.finish_reason is None:
+                continue  # text held back (a possible stop string, a split character): nothing to say yet
+            logprobs: CompletionLogprobs | None = None
+            if request.logprobs is not None:
+                logprobs = convert.completion_logprobs(delta.logprobs, offsets[index])
+            offsets[index] += len(delta.text)
+            yield chunk(
+                [
+                    CompletionChoice(
+                        index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
                     )
-                    offsets[p.index] = len(prompt_text)
-                    yield chunk([CompletionChoice(index=p.index, text=prompt_text, logprobs=logprobs)])
-            async for index, delta in merge(streams):
-                _track(finished[index], delta)
-                if not delta.text and not delta.logprobs and delta.finish_reason is None:
-                    continue  # text held back (a possible stop string, a split character): nothing to say yet
-                logprobs: CompletionLogprobs | None = None
-                if request.logprobs is not None:
-                    logprobs = convert.completion_logprobs(delta.logprobs, offsets[index])
-                offsets[index] += len(delta.text)
-                yield chunk(
-                    [
-                        CompletionChoice(
-                            index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
-                        )
-                    ]
-                )
-            if request.stream_options and request.stream_options.include_usage:
-                yield chunk([], _usage(list(finished.values()), request.n))
-        except ConsortError as error:
-            log.warning("stream failed: %s", error)
-            yield sse_error(error)
-        except Exception as error:  # the response has begun: report in-band rather than cut the stream
-            log.exception("stream failed unexpectedly")
-            yield sse_error(ConsortError(f"internal error: {type(error).__name__}: {error}"))
-        yield DONE
+                ]
+            )
+        if request.stream_options and request.stream_options.include_usage:
+            yield chunk([], _usage(list(finished.values()), request.n))
 
     # -- chat ----------------------------------------------------------------------------------
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
@@ -180,7 +187,7 @@ class OpenAIService:
         streams = await prime_all(self.engine, jobs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
-            return self._stream_chat(request, streams, rid, created)
+            return guarded(self._stream_chat(request, streams, rid, created))
         finished = await collect(streams)
         choices = [
             ChatChoice(
@@ -219,36 +226,26 @@ class OpenAIService:
             )
 
         finished = {p.index: Finished(p.index) for p in streams}
-        try:
-            for p in streams:
-                # OpenAI's first chunk of each choice carries the role and empty content.
-                yield chunk(
-                    [ChatChunkChoice(index=p.index, delta=ChatMessageOut(role="assistant", content=""))]
-                )
-            async for index, delta in merge(streams):
-                _track(finished[index], delta)
-                if not delta.text and not delta.logprobs and delta.finish_reason is None:
-                    continue
-                logprobs = convert.chat_logprobs(delta.logprobs) if request.logprobs else None
-                yield chunk(
-                    [
-                        ChatChunkChoice(
-                            index=index,
-                            delta=ChatMessageOut(content=delta.text),
-                            logprobs=logprobs,
-                            finish_reason=delta.finish_reason,
-                        )
-                    ]
-                )
-            if request.stream_options and request.stream_options.include_usage:
-                yield chunk([], _usage(list(finished.values()), request.n))
-        except ConsortError as error:
-            log.warning("stream failed: %s", error)
-            yield sse_error(error)
-        except Exception as error:  # the response has begun: report in-band rather than cut the stream
-            log.exception("stream failed unexpectedly")
-            yield sse_error(ConsortError(f"internal error: {type(error).__name__}: {error}"))
-        yield DONE
+        for p in streams:
+            # OpenAI's first chunk of each choice carries the role and empty content.
+            yield chunk([ChatChunkChoice(index=p.index, delta=ChatMessageOut(role="assistant", content=""))])
+        async for index, delta in merge(streams):
+            _track(finished[index], delta)
+            if not delta.text and not delta.logprobs and delta.finish_reason is None:
+                continue
+            logprobs = convert.chat_logprobs(delta.logprobs) if request.logprobs else None
+            yield chunk(
+                [
+                    ChatChunkChoice(
+                        index=index,
+                        delta=ChatMessageOut(content=delta.text),
+                        logprobs=logprobs,
+                        finish_reason=delta.finish_reason,
+                    )
+                ]
+            )
+        if request.stream_options and request.stream_options.include_usage:
+            yield chunk([], _usage(list(finished.values()), request.n))
 
 
 def _track(item: Finished, delta: Any) -> None:
