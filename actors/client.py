@@ -18,7 +18,7 @@ from runtime.prompts import Prompt
 from runtime.sampling import SamplingParams
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, min_cpus: float = 0.0) -> None:
     """Join a running cluster (`auto`, `ray://…`), or start a local Ray instance if none is named."""
     if ray.is_initialized():
         return
@@ -27,7 +27,12 @@ def connect(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # Logical CPU slots: members reserve slots, the thread count bounds the real use.
+        ray.init(
+            include_dashboard=False,
+            log_to_driver=False,
+            num_cpus=max(os.cpu_count() or 1, int(min_cpus + 0.999)),
+        )
 
 
 def unwrap(error: RayTaskError) -> BaseException:
@@ -75,7 +80,7 @@ def generate_on_cluster(
     address: str | None,
     as_json: bool,
 ) -> int:
-    connect(address)
+    connect(address, min_cpus=sum(m.num_cpus for m in config.members))
     coordinator = start_coordinator(config)
 
     async def run() -> tuple[str, str | None, list[Delta]]:
@@ -99,8 +104,14 @@ def generate_on_cluster(
 
         steps = [d for delta in deltas for d in delta.diagnostics]
         last = deltas[-1] if deltas else None
-        _print_json(config, text, finish or "", last.prompt_tokens if last else 0,
-                    last.completion_tokens if last else 0, steps)
+        _print_json(
+            config,
+            text,
+            finish or "",
+            last.prompt_tokens if last else 0,
+            last.completion_tokens if last else 0,
+            steps,
+        )
     sys.stdout.flush()
     return 0
 

@@ -41,7 +41,14 @@ def serve(
         else:
             # address="local": a new instance of our own, never someone's `ray start` cluster found by accident
             # (this command shuts down what it started, so it must know that it started it).
-            ray.init(address="local", include_dashboard=False)
+            # CPU slots are logical: one ensemble replica reserves one per member plus its own, which a
+            # 2-core laptop would otherwise never fit (threads, not slots, bound the real CPU use).
+            needed = 1 + sum(m.num_cpus for m in config.members)
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+            )
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         # SIGTERM (kubectl, systemd) takes the same clean path as Ctrl-C.
