@@ -24,6 +24,7 @@ def connect(address: str | None, min_cpus: float = 0.0) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or None  # inside `ray job submit`: join, never size
     if address:
         ray.init(address=address, log_to_driver=False)
     else:

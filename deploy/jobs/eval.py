@@ -153,7 +153,8 @@ def start_backends(config: EnsembleConfig, args: argparse.Namespace) -> list[Bac
         return [LocalBackend.start(config)]
     from actors.client import connect
 
-    connect(args.address)
+    # Inside `ray job submit` the supervisor sets RAY_ADDRESS: join that cluster, never start one.
+    connect(args.address or os.environ.get("RAY_ADDRESS"))
     backends: list[Backend] = []
     try:
         for _ in range(args.replicas):
