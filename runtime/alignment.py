@@ -194,8 +194,11 @@ class Aligner:
         boundary, so the window doubles, up to the whole text.
         """
         window = self._window
+        reach = self._settled - self._table.max_added_bytes
         while True:
             start_index = self._window_start(max(0, self._canonical - window))
+            while start_index > 0 and self._ends[start_index - 1] > reach:
+                start_index = self._window_start(start_index - 1)
             start = self._ends[start_index - 1] if start_index else 0
             window_ids, window_ends = self._table.encode_spans(
                 bytes(self._data[start:end]), encoder=self._encoder

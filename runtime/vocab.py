@@ -124,9 +124,11 @@ class TokenTable:
         kind: Kind,
         encoder: Tokenizer | None = None,
         name: str = "",
+        added: Iterable[int] = (),
     ) -> None:
         self._bytes = token_bytes
         self._special = frozenset(special)
+        self._added = frozenset(added) - self._special
         self._byte_fallback = frozenset(byte_fallback)
         self.eos_ids: frozenset[int] = frozenset(eos_ids)
         self.kind: Kind = kind
@@ -169,7 +171,7 @@ class TokenTable:
                 if is_fallback:
                     fallback.append(token_id)
         name = str(getattr(tokenizer, "name_or_path", "") or "")
-        table = cls(table_bytes, special, fallback, all_eos, kind, encoder=backend, name=name)
+        table = cls(table_bytes, special, fallback, all_eos, kind, encoder=backend, name=name, added=added)
         table._check_round_trip()
         return table
 
@@ -189,6 +191,9 @@ class TokenTable:
         # the tokenizer drops them, and so does the canonical encoding.
         self._missing = bytes(b for b in range(256) if self._single_byte[b] is None)
         self.max_token_bytes = max((len(b) for b in self._bytes), default=0)
+        # Added tokens are cut out of the raw text before BPE runs, so one can swallow a boundary
+        # any number of tokens back: a re-tokenized window must reach this far behind new text.
+        self.max_added_bytes = max((len(self._bytes[i]) for i in self._added), default=0)
         self._first_cache: dict[bytes, int | None] = {}
         self._escape = re.compile(
             r"[\udc80-\udcff\u2581]+" if self.kind == "sentencepiece" else r"[\udc80-\udcff]+"
@@ -220,6 +225,7 @@ class TokenTable:
         return {
             "bytes": self._bytes,
             "special": sorted(self._special),
+            "added": sorted(self._added),
             "byte_fallback": sorted(self._byte_fallback),
             "eos_ids": sorted(self.eos_ids),
             "kind": self.kind,
@@ -230,6 +236,7 @@ class TokenTable:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._bytes = state["bytes"]
         self._special = frozenset(state["special"])
+        self._added = frozenset(state["added"])
         self._byte_fallback = frozenset(state["byte_fallback"])
         self.eos_ids = frozenset(state["eos_ids"])
         self.kind = state["kind"]

@@ -395,6 +395,17 @@ def test_smallest_window_is_still_exact(
     harness.check_matches_tokenizer()
 
 
+@pytest.mark.parametrize("alias", ALIASES)
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_added_token_across_an_old_boundary(alias: str, cut: int, tokenizers: dict, tables: dict) -> None:
+    # Gemma's "<b>" is an added token: "b>" arriving after " <" re-splits text two tokens back,
+    # further than the smallest window reaches by token count (a hypothesis find).
+    harness = Harness(tokenizers[alias], tables[alias], window_tokens=1, min_agree=1)
+    for piece in byte_splits(b" <b>     ", [cut]):
+        harness.append(piece)
+    harness.check_matches_tokenizer()
+
+
 # -- long texts and cost --------------------------------------------------------------------------------
 LONG_RUNS = [
     "日本語のテキストは空白なしで長く続きます" * 20,
