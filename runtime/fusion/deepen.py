@@ -48,7 +48,8 @@ class DeepenStrategy(Strategy):
     def first(self, seq: SequenceState) -> dict[str, WorkFlags]:
         if seq.gate is not None:
             return {self.ctx.main: RELATIVE}
-        return {name: RELATIVE for name in self.ctx.names}
+        # A member with weight zero adds nothing to the average: it does not compute at all.
+        return {name: RELATIVE for name in self.ctx.names if seq.weight(name) > 0}
 
     def more(self, seq: SequenceState, results: dict[str, SeqResult]) -> dict[str, WorkFlags]:
         if seq.gate is None or gate.main_is_sure(results[self.ctx.main], seq.gate):
