@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -23,7 +24,7 @@ from actors.member import MemberActor
 from actors.metrics import EnsembleMetrics
 from actors.placement import Placement, from_current_group, reserve
 from runtime.config import EnsembleConfig
-from runtime.core import Delta, EnsembleCore, MemberInfo, RequestOptions, TokenLogprob
+from runtime.core import Delta, EnsembleCore, MemberInfo, RequestOptions, StepStats, TokenLogprob
 from runtime.errors import ConsortError, MemberLost, Overloaded
 from runtime.prompts import Prompt
 from runtime.sampling import SamplingParams
@@ -57,11 +58,36 @@ class RayExecutor:
         return await self._call(member, "step", works)
 
     async def invert(self, member: str, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]:
-        return await self._call(member, "invert", works, steps, learning_rate)
+        return [torch.tensor(out) for out in await self._call(member, "invert", works, steps, learning_rate)]
 
     async def release(self, member: str, seq_ids: list[str]) -> None:
         if member not in self.lost:
             await self._call(member, "release", seq_ids)
+
+
+@dataclass
+class StepProfile:
+    """Sums over steps: the step as the loop saw it, each member's round trip, the fusion."""
+
+    steps: int = 0
+    step_seconds: float = 0.0
+    fusion_seconds: float = 0.0
+    member_round_trip_seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, seconds: float, stats: StepStats) -> None:
+        self.steps += 1
+        self.step_seconds += seconds
+        self.fusion_seconds += stats.fusion_seconds
+        for member, round_trip in stats.member_seconds.items():
+            self.member_round_trip_seconds[member] = self.member_round_trip_seconds.get(member, 0.0) + round_trip
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "step_seconds": self.step_seconds,
+            "fusion_seconds": self.fusion_seconds,
+            "member_round_trip_seconds": dict(self.member_round_trip_seconds),
+        }
 
 
 class Coordinator:
@@ -82,6 +108,7 @@ class Coordinator:
         self._cancelled: set[str] = set()
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._profile = StepProfile()
 
     # -- members -------------------------------------------------------------------------------
     def _start_member(self, name: str) -> Any:
@@ -237,6 +264,7 @@ class Coordinator:
                 self._fail_running(error, waiting_too=True)
                 return
         self.metrics.queue_depth.set(len(self.core.waiting), tags=self.metrics.tags)
+        started = time.perf_counter()
         try:
             deltas = await self.core.step()
         except MemberLost as error:
@@ -246,6 +274,7 @@ class Coordinator:
             log.exception("ensemble step failed")
             self._fail_running(error)
             return
+        self._profile.add(time.perf_counter() - started, self.core.last_stats)
         self._record(deltas)
         for delta in deltas:
             queue = self._queues.get(delta.seq_id)
@@ -304,6 +333,11 @@ class Coordinator:
 
     async def health(self) -> dict[str, Any]:
         return {"members": await self.member_stats(), "waiting": len(self.core.waiting), "running": len(self.core.running)}
+
+    def step_profile(self) -> dict[str, Any]:
+        """Where the steps since the last call spent their time (benchmarks); resets the sums."""
+        profile, self._profile = self._profile, StepProfile()
+        return profile.summary()
 
     def member_actor(self, name: str) -> Any:
         return self.actors[name]

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import ray
 import torch
 
@@ -34,6 +35,8 @@ class MemberActor:
         self.device = device
         self.step_seconds = 0.0  # time spent inside step calls, to separate compute from coordination
         self.step_calls = 0
+        self.invert_seconds = 0.0  # DeePEn's inverse search, which only the main member runs
+        self.invert_calls = 0
         self.dtype = resolve_dtype(member.dtype, device)
 
     def describe(self) -> MemberInfo:
@@ -50,8 +53,14 @@ class MemberActor:
             self.step_seconds += time.perf_counter() - started
             self.step_calls += 1
 
-    def invert(self, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]:
-        return self.worker.invert(works, steps=steps, learning_rate=learning_rate)
+    def invert(self, works: list[InvertWork], steps: int, learning_rate: float) -> list[np.ndarray]:
+        started = time.perf_counter()
+        try:
+            # numpy crosses the process boundary several times cheaper than a small tensor.
+            return [out.numpy() for out in self.worker.invert(works, steps=steps, learning_rate=learning_rate)]
+        finally:
+            self.invert_seconds += time.perf_counter() - started
+            self.invert_calls += 1
 
     def release(self, seq_ids: list[str]) -> None:
         self.worker.release(seq_ids)
@@ -65,6 +74,8 @@ class MemberActor:
             "engine_sequences": len(engine.seq_ids),
             "step_seconds": self.step_seconds,
             "step_calls": self.step_calls,
+            "invert_seconds": self.invert_seconds,
+            "invert_calls": self.invert_calls,
         }
 
     def node(self) -> dict[str, str]:

@@ -423,15 +423,43 @@ class EnsembleCore:
                     )
                 )
                 seq.admitted.add(member)
+        self._ride_along(works, plan)
 
         async def run(member: str, member_works: list[SeqWork]) -> None:
             started = time.perf_counter()
-            for result in await self.executor.step(member, member_works):
-                results[result.seq_id][member] = result
+            for work, result in zip(member_works, await self.executor.step(member, member_works), strict=True):
+                if work.compute:  # a rider only took its text in: it has no distribution to give
+                    results[result.seq_id][member] = result
             stats.member_seconds[member] = stats.member_seconds.get(member, 0.0) + time.perf_counter() - started
             stats.member_batch[member] = max(stats.member_batch.get(member, 0), len(member_works))
 
         await asyncio.gather(*(run(m, w) for m, w in works.items()))
+
+    def _ride_along(self, works: dict[str, list[SeqWork]], plan: dict[str, dict[str, WorkFlags]]) -> None:
+        """A member that runs a forward anyway takes in the text of the other sequences it holds.
+
+        Under `me` (and the gate) a member computes only some sequences each step. Left
+        lazy, the others' text would arrive later as wide catch-ups and the member's batch
+        would change every step, rebuilding its packed cache; riding along costs a row of
+        the same forward, without the output layer. A member that does not run at all this
+        step stays lazy: that is what makes `me` fast for a single request. Members with
+        weight zero for a sequence never see it.
+        """
+        for member, member_works in works.items():
+            for seq in self.running.values():
+                if member in plan.get(seq.seq_id, {}) or seq.weight(member) <= 0:
+                    continue
+                if member not in seq.admitted:
+                    # Admitted with the others now, not when first drawn: the pack forms once.
+                    seq.admitted.add(member)
+                    prompt = seq.prompt_ids[member]
+                elif seq.unsent.get(member):
+                    prompt = None
+                else:
+                    continue
+                member_works.append(
+                    SeqWork(seq_id=seq.seq_id, prompt_ids=prompt, pieces=seq.unsent.pop(member, []), compute=False)
+                )
 
     async def _invert(
         self, seqs: list[SequenceState], results: dict[str, dict[str, SeqResult]], stats: StepStats

@@ -187,6 +187,8 @@ class MemberEngine:
         self._pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0)
         self._seqs: dict[str, _Sequence] = {}
         self._packed: _Packed | None = None
+        # Models that scale their logits some other way get the whole output layer and keep the rows they need.
+        self._head_on_rows = not any(hasattr(self._config, a) for a in ("logits_scaling", "logit_scale"))
 
     # ------------------------------------------------------------------ setup
 
@@ -305,34 +307,55 @@ class MemberEngine:
         full: bool | Collection[str] = False,
         echo: Collection[str] = (),
         echo_top_k: int = 0,
+        kv_only: Collection[str] = (),
     ) -> dict[str, StepOutput]:
-        """One batched forward over `seq_ids`; returns each one's next-token distribution."""
+        """One batched forward over `seq_ids`; returns each one's next-token distribution.
+
+        `kv_only` sequences ride along in the same forward to take in their new tokens
+        without an output: a batch that keeps the same sequences keeps its packed cache,
+        and their text does not pile up into a wide catch-up later.
+        """
         ids = list(seq_ids)
         self._check_step_args(ids, top_k, echo_top_k)
+        wanted = set(ids)
         echo_set = set(echo)
         feeds = [self._plan(seq_id, seq_id in echo_set) for seq_id in ids]
-        keep = max(len(f.tokens) for f in feeds) if echo_set & set(ids) else 1
+        # A rider with nothing new has nothing to do (re-running its last token would only cost).
+        feeds += [self._rider_feed(s) for s in dict.fromkeys(kv_only) if s not in wanted and self._has_new(s)]
+        keep = max(len(f.tokens) for f in feeds) if echo_set & wanted else 1
         try:
-            if not echo_set & set(ids):
+            if not echo_set & wanted:
                 feeds = self._catch_up(feeds)
-            logits, rows = self._forward(feeds, keep)
+            logits, rows = self._forward(feeds, keep, head=wanted)
         except BaseException:
-            self._forget_caches(ids)  # a failed catch-up leaves the whole step's sequences to recompute
+            # A failed catch-up leaves the whole step's sequences to recompute.
+            self._forget_caches([f.seq_id for f in feeds])
             raise
         self.stats.steps += 1
-        self.stats.last_batch_size = len(ids)
-        self.stats.max_batch_size = max(self.stats.max_batch_size, len(ids))
-        full_set = set(ids) if full is True else set(full or ())
-        return self._outputs(feeds, logits, rows, top_k, full_set, echo_top_k)
+        self.stats.last_batch_size = len(feeds)
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(feeds))
+        full_set = wanted if full is True else set(full or ())
+        answered = [(row, f) for row, f in zip(rows, feeds, strict=True) if f.seq_id in wanted]
+        return self._outputs([f for _, f in answered], logits, [r for r, _ in answered], top_k, full_set, echo_top_k)
 
-    def _forward(self, feeds: list[_Feed], keep: int) -> tuple[torch.Tensor, list[int]]:
+    def _has_new(self, seq_id: str) -> bool:
+        seq = self._get(seq_id)
+        return seq.cached < len(seq.tokens)
+
+    def _rider_feed(self, seq_id: str) -> _Feed:
+        seq = self._seqs[seq_id]
+        return _Feed(seq_id, seq.cached, seq.tokens[seq.cached :], None)
+
+    def _forward(self, feeds: list[_Feed], keep: int, head: set[str] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Logits of the last `keep` positions of the feeds in `head` (None: all), and each feed's row in them (-1: none)."""
         ids = [f.seq_id for f in feeds]
         started = time.perf_counter()
         try:
             if len(feeds) == 1:
-                logits, rows = self._forward_solo(feeds[0], keep), [0]
+                wanted = head is None or feeds[0].seq_id in head
+                logits, rows = self._forward_solo(feeds[0], keep if wanted else 0), [0 if wanted else -1]
             else:
-                logits, rows = self._forward_packed(feeds, keep)
+                logits, rows = self._forward_packed(feeds, keep, head)
         except BaseException:
             self._forget_caches(ids)
             raise
@@ -409,8 +432,8 @@ class MemberEngine:
         seq.cache = cache
         return out
 
-    def _forward_packed(self, feeds: list[_Feed], keep: int) -> tuple[torch.Tensor, list[int]]:
-        """Returns the logits in pack order and the row of each feed."""
+    def _forward_packed(self, feeds: list[_Feed], keep: int, head: set[str] | None) -> tuple[torch.Tensor, list[int]]:
+        """Returns the logits of the rows in `head` (pack order) and each feed's row in them."""
         packed = self._packed_for([f.seq_id for f in feeds])
         order = sorted(feeds, key=lambda f: packed.row_of[f.seq_id])
         width = max(len(f.tokens) for f in order)
@@ -422,8 +445,10 @@ class MemberEngine:
             new_positions[row, width - n :] = torch.arange(feed.start, feed.start + n)
         new_positions = new_positions.to(self.device)
         all_positions = torch.cat([packed.positions, new_positions], dim=1)
+        batch_rows = [row for row, f in enumerate(order) if head is None or f.seq_id in head]
         logits = self._run(
             keep,
+            head_rows=batch_rows if len(batch_rows) < len(order) else None,
             input_ids=input_ids.to(self.device),
             attention_mask=self._masks(new_positions, all_positions),
             position_ids=new_positions.clamp(min=0),
@@ -431,15 +456,29 @@ class MemberEngine:
             use_cache=True,
         )
         packed.positions = all_positions
-        return logits, [packed.row_of[f.seq_id] for f in feeds]
+        logits_row = {order[row].seq_id: i for i, row in enumerate(batch_rows)}
+        return logits, [logits_row.get(f.seq_id, -1) for f in feeds]
 
-    def _run(self, keep: int, **inputs: Any) -> torch.Tensor:
+    def _run(self, keep: int, head_rows: list[int] | None = None, **inputs: Any) -> torch.Tensor:
         """The model's logits for the last `keep` positions; keep=0 fills the KV caches only,
-        skipping the output layer (for Gemma-3 the 262k-wide projection is half a decode step)."""
+        skipping the output layer (for Gemma-3 the 262k-wide projection is half a decode step).
+        With `head_rows`, only those batch rows get logits: the others only fill their caches."""
         if keep == 0:
             self.model.base_model(**inputs)
             return torch.empty(0)
-        return self.model(**inputs, logits_to_keep=keep).logits
+        if head_rows is None or not self._head_on_rows:
+            logits = self.model(**inputs, logits_to_keep=keep).logits
+            return logits if head_rows is None else logits[head_rows]
+        hidden = self.model.base_model(**inputs).last_hidden_state
+        return self._head(hidden[head_rows, -keep:])
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the CausalLM forward does after the decoder: the output layer, and Gemma's soft-capping."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self._config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _record(self, feeds: list[_Feed], seconds: float) -> None:
         for feed in feeds:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from runtime.alignment import Aligner
@@ -36,15 +37,48 @@ class SeqWork:
     seq_id: str
     prompt_ids: list[int] | None = None  # this member's prompt tokens, sent once when the sequence is admitted
     pieces: list[Piece] = field(default_factory=list)  # emitted since this member last saw the sequence
-    compute: bool = True  # run the forward and return a distribution
+    compute: bool = True  # return a distribution; False: take the text in, in this step's forward if there is one
     full: bool = False  # return the full-vocabulary distribution
     relative: bool = False  # return the DeePEn relative-space vector
     echo: bool = False  # return log-probs of the prompt tokens (log-likelihood scoring)
     echo_top_k: int = 0
 
 
+def _tensors_as_arrays(state: dict[str, Any]) -> dict[str, Any]:
+    # Crossing a process boundary (a member actor's reply), a small torch tensor costs ~0.5 ms to
+    # pickle and a numpy array a fraction of that; at ~100 ms per step that is most of the overhead.
+    return {
+        key: value.numpy() if isinstance(value, torch.Tensor) else
+        tuple(v.numpy() for v in value) if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor) else value
+        for key, value in state.items()
+    }
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    # Ray hands large arrays back read-only (zero-copy from its object store); a tensor must own writable memory.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _arrays_as_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: _tensor(value) if isinstance(value, np.ndarray) else
+        tuple(_tensor(v) for v in value) if isinstance(value, tuple) and value and isinstance(value[0], np.ndarray) else value
+        for key, value in state.items()
+    }
+
+
+class _ShipsArrays:
+    """Pickles tensor fields as numpy arrays (zero-copy back into tensors on arrival)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _tensors_as_arrays(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(_arrays_as_tensors(state))
+
+
 @dataclass
-class SeqResult:
+class SeqResult(_ShipsArrays):
     """A member's compact answer for one sequence."""
 
     seq_id: str
@@ -59,7 +93,7 @@ class SeqResult:
 
 
 @dataclass
-class InvertWork:
+class InvertWork(_ShipsArrays):
     """DeePEn's inverse step for one sequence, done by the main member next to its embeddings."""
 
     seq_id: str
@@ -151,6 +185,7 @@ class MemberWorker:
                 full={w.seq_id for w in computing if w.full},
                 echo={w.seq_id for w in computing if w.echo},
                 echo_top_k=max((w.echo_top_k for w in computing), default=0),
+                kv_only=[w.seq_id for w in works if not w.compute],
             )
             for work in computing:
                 out, result = outputs[work.seq_id], results[work.seq_id]

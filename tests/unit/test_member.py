@@ -121,6 +121,61 @@ def test_pack_is_reused_in_steady_state(engine: MemberEngine) -> None:
     assert engine.stats.repacks == 2
 
 
+def test_riders_take_their_tokens_in_without_an_output(engine: MemberEngine) -> None:
+    """`me` at concurrency: sequences a member does not compute ride along, KV only, in the same pack."""
+    rng = random.Random(2)
+    for seq_id, n in {"a": 3, "b": 9, "c": 17, "d": 5}.items():
+        engine.add(seq_id, random_ids(rng, n))
+    engine.step(["a", "b", "c", "d"])
+    repacks = engine.stats.repacks
+    for round_index in range(4):
+        for seq_id in "abcd":
+            engine.extend(seq_id, random_ids(rng, 1))
+        wanted = ["a", "c"] if round_index % 2 else ["b", "d"]
+        riders = [s for s in "abcd" if s not in wanted]
+        out = engine.step(wanted, full=True, kv_only=riders)
+        assert set(out) == set(wanted)
+        for seq_id in wanted:
+            assert_matches_reference(engine, seq_id, out[seq_id])
+        for seq_id in riders:  # taken in: nothing is left to catch up
+            assert engine.num_cached(seq_id) == len(engine.token_ids(seq_id))
+    assert engine.stats.repacks == repacks  # the same four rows every step: the pack stays
+    out = engine.step(["a", "b", "c", "d"], full=True)  # the riders' caches are right
+    for seq_id in "abcd":
+        assert_matches_reference(engine, seq_id, out[seq_id])
+
+
+def test_a_rider_with_nothing_new_is_left_out(engine: MemberEngine) -> None:
+    rng = random.Random(3)
+    engine.add("a", random_ids(rng, 4))
+    engine.add("b", random_ids(rng, 4))
+    engine.step(["a", "b"])
+    engine.extend("a", random_ids(rng, 1))
+    fed = engine.stats.tokens_fed
+    out = engine.step(["a"], full=True, kv_only=["b"])
+    assert engine.stats.tokens_fed == fed + 1
+    assert_matches_reference(engine, "a", out["a"])
+
+
+def test_output_layer_on_some_rows_equals_the_whole_model(tiny: tuple[Any, Any]) -> None:
+    """The rows-only output layer must do what the model's own forward does after the decoder
+    (Gemma soft-caps its logits when configured to)."""
+    model, tokenizer = tiny
+    if hasattr(model.config.get_text_config(decoder=True), "final_logit_softcapping"):
+        model = copy.deepcopy(model)
+        model.config.get_text_config(decoder=True).final_logit_softcapping = 3.0
+        model.config.final_logit_softcapping = 3.0
+    engine = MemberEngine(model, tokenizer, name="tiny")
+    rng = random.Random(4)
+    for seq_id, n in {"a": 6, "b": 11, "c": 2}.items():
+        engine.add(seq_id, random_ids(rng, n))
+    engine.step(["a", "b", "c"])
+    for seq_id in "abc":
+        engine.extend(seq_id, random_ids(rng, 2))
+    out = engine.step(["b"], full=True, kv_only=["a", "c"])
+    assert_matches_reference(engine, "b", out["b"])
+
+
 def test_pack_with_many_holes_is_rebuilt(engine: MemberEngine) -> None:
     """Alternating long catch-ups leave columns where every row has a hole; they get squeezed out."""
     rng = random.Random(11)
@@ -462,9 +517,9 @@ def test_a_prefill_joining_decodes_runs_apart_and_matches(engine: MemberEngine) 
     widths: list[int] = []
     forward = engine._forward
 
-    def counting(feeds: Any, keep: int) -> Any:
+    def counting(feeds: Any, keep: int, head: Any = None) -> Any:
         widths.append(max(len(f.tokens) for f in feeds))
-        return forward(feeds, keep)
+        return forward(feeds, keep, head)
 
     engine._forward = counting  # type: ignore[method-assign]
     out = engine.step(["a", "b", "c", "long"], full=True)

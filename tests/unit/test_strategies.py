@@ -139,3 +139,20 @@ def test_vote_spreads_answers_over_members_and_returns_one_of_them(pair) -> None
     again = pair.generate(PROMPTS[:1], params, options)[0]
     assert again.text == completion.text
 
+
+
+def test_me_in_a_batch_equals_me_alone_and_keeps_the_packs(pair) -> None:
+    """Under `me` a member computes only the sequences that drew it; the others ride along
+    (KV only) in the same forward, so each member's batch, and its packed cache, stays put."""
+    prompts = [Prompt(text=t) for t in ("The capital of France is", "1, 2, 3,", "Once upon a time", "def f(x):")]
+    params = [SamplingParams(temperature=0.0, max_tokens=16, seed=i, ignore_eos=True) for i in range(len(prompts))]
+    options = RequestOptions(strategy="me", diagnostics=True)
+    alone = [pair.generate([p], [sp], options)[0] for p, sp in zip(prompts, params, strict=True)]
+    repacks = {name: worker.engine.stats.repacks for name, worker in pair.workers.items()}
+    together = pair.generate(prompts, params, options)
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert [[s["drawn"] for s in c.diagnostics] for c in together] == [[s["drawn"] for s in c.diagnostics] for c in alone]
+    for name, worker in pair.workers.items():
+        # A new pack only when a sequence meets this member for the first time (lazily, without
+        # riders, the batch changed nearly every one of the 16 steps).
+        assert worker.engine.stats.repacks - repacks[name] <= len(prompts), name
