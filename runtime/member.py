@@ -35,6 +35,7 @@ re-raises.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -77,6 +78,7 @@ class EngineStats:
     max_batch_size: int = 0
     tokens_fed: int = 0  # tokens run through the model, re-fed ones included
     repacks: int = 0  # batched caches built
+    shared_prompts: int = 0  # prefills saved by copying another new sequence's identical prompt cache
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -325,7 +327,7 @@ class MemberEngine:
         keep = max(len(f.tokens) for f in feeds) if echo_set & wanted else 1
         try:
             if not echo_set & wanted:
-                feeds = self._catch_up(feeds)
+                feeds = self._catch_up(self._share_prompts(feeds))
             logits, rows = self._forward(feeds, keep, head=wanted)
         except BaseException:
             # A failed catch-up leaves the whole step's sequences to recompute.
@@ -361,6 +363,35 @@ class MemberEngine:
             raise
         self._record(feeds, time.perf_counter() - started)
         return logits, rows
+
+    def _share_prompts(self, feeds: list[_Feed]) -> list[_Feed]:
+        """New sequences with the same prompt prefill it once and copy the cache.
+
+        Scoring a question asks for one sequence per answer choice and strategy, all with
+        the question as prompt: on a CPU the prefills are most of an evaluation's work.
+        """
+        groups: dict[tuple[int, ...], list[_Feed]] = defaultdict(list)
+        for feed in feeds:
+            if feed.start == 0 and len(feed.tokens) > 1 and self._seqs[feed.seq_id].cache is None:
+                groups[tuple(feed.tokens[:-1])].append(feed)
+        shared = [group for group in groups.values() if len(group) > 1]
+        if not shared:
+            return feeds
+        self._forward([_Feed(g[0].seq_id, 0, g[0].tokens[:-1], None) for g in shared], 0)
+        self._unpack()  # several prompts were packed together: each needs a cache of its own to copy
+        last_only = set()
+        for group in shared:
+            source = self._seqs[group[0].seq_id]
+            assert source.cache is not None
+            for feed in group[1:]:
+                seq = self._seqs[feed.seq_id]
+                seq.cache = _cache_of([(k.clone(), v.clone()) for k, v in _kv(source.cache)])
+                seq.cached = source.cached
+            last_only.update(f.seq_id for f in group)
+        self.stats.shared_prompts += sum(len(g) - 1 for g in shared)
+        return [
+            _Feed(f.seq_id, len(f.tokens) - 1, f.tokens[-1:], None) if f.seq_id in last_only else f for f in feeds
+        ]
 
     def _catch_up(self, feeds: list[_Feed]) -> list[_Feed]:
         """Feed the pending tokens of wide rows, all but their last, in a forward of their own.

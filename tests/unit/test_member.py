@@ -176,6 +176,28 @@ def test_output_layer_on_some_rows_equals_the_whole_model(tiny: tuple[Any, Any])
     assert_matches_reference(engine, "b", out["b"])
 
 
+def test_identical_new_prompts_are_prefilled_once(engine: MemberEngine) -> None:
+    """A question's answer choices (and the strategies scoring them) share one prompt prefill."""
+    rng = random.Random(5)
+    question, other = random_ids(rng, 20), random_ids(rng, 9)
+    for seq_id in ("c1", "c2", "c3"):
+        engine.add(seq_id, question)
+    engine.add("d1", other)
+    engine.add("d2", other)
+    engine.add("solo", random_ids(rng, 7))
+    fed = engine.stats.tokens_fed
+    out = engine.step(["c1", "c2", "c3", "d1", "d2", "solo"], full=True)
+    assert engine.stats.tokens_fed - fed == 20 + 2 + 9 + 1 + 7
+    assert engine.stats.shared_prompts == 3
+    for seq_id in out:
+        assert_matches_reference(engine, seq_id, out[seq_id])
+    for i, seq_id in enumerate(("c1", "c2", "c3", "d1")):  # the copies are caches of their own
+        engine.extend(seq_id, random_ids(rng, i + 1))
+    out = engine.step(["c1", "c2", "c3", "d1", "d2"], full=True)
+    for seq_id in out:
+        assert_matches_reference(engine, seq_id, out[seq_id])
+
+
 def test_pack_with_many_holes_is_rebuilt(engine: MemberEngine) -> None:
     """Alternating long catch-ups leave columns where every row has a hole; they get squeezed out."""
     rng = random.Random(11)
