@@ -6,11 +6,31 @@ from typing import Any
 
 import pytest
 
+from runtime import models
 from runtime.config import EnsembleConfig, parse_config
 from runtime.loop import EnsembleLoop, load_worker
 from runtime.tiny import build_tiny
+from runtime.vocab import TokenTable
 
 ALIASES = ("smollm2-135m-instruct", "gemma3-270m")
+
+
+class ByAlias(dict):
+    """A dict with a short repr: hypothesis prints fixtures with a failing example."""
+
+    def __repr__(self) -> str:
+        return f"<{', '.join(self)}>"
+
+
+@pytest.fixture(scope="session")
+def tokenizers() -> dict[str, Any]:
+    """The real tokenizers of both packaged models (loading Gemma's takes seconds: once per run)."""
+    return ByAlias({alias: models.load_tokenizer(alias) for alias in ALIASES})
+
+
+@pytest.fixture(scope="session")
+def tables(tokenizers: dict[str, Any]) -> dict[str, TokenTable]:
+    return ByAlias({alias: TokenTable.from_tokenizer(tok) for alias, tok in tokenizers.items()})
 
 
 @pytest.fixture(scope="session")

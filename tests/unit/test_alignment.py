@@ -83,23 +83,6 @@ HAND_WRITTEN = [
 ]
 
 
-class ByAlias(dict):
-    """A dict with a short repr: hypothesis prints fixtures with a failing example."""
-
-    def __repr__(self) -> str:
-        return f"<{', '.join(self)}>"
-
-
-@pytest.fixture(scope="module")
-def tokenizers() -> dict[str, Any]:
-    return ByAlias({alias: models.load_tokenizer(alias) for alias in ALIASES})
-
-
-@pytest.fixture(scope="module")
-def tables(tokenizers: dict[str, Any]) -> dict[str, TokenTable]:
-    return ByAlias({alias: TokenTable.from_tokenizer(tok) for alias, tok in tokenizers.items()})
-
-
 class Harness:
     """An aligner plus the id list an engine would hold after applying its edits."""
 

@@ -55,23 +55,6 @@ text_strategy = st.lists(
 ).map("".join)
 
 
-class ByAlias(dict):
-    """A dict with a short repr: hypothesis prints fixtures with a failing example."""
-
-    def __repr__(self) -> str:
-        return f"<{', '.join(self)}>"
-
-
-@pytest.fixture(scope="module")
-def tokenizers() -> dict[str, Any]:
-    return ByAlias({alias: consort_models.load_tokenizer(alias) for alias in ALIASES})
-
-
-@pytest.fixture(scope="module")
-def tables(tokenizers: dict[str, Any]) -> dict[str, TokenTable]:
-    return ByAlias({alias: TokenTable.from_tokenizer(tok) for alias, tok in tokenizers.items()})
-
-
 def plain_ids(tokenizer: Any, text: str) -> list[int]:
     """A fresh tokenization, special-token strings read as text (what generated text must get)."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
