@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,24 @@ class PredictionStore:
         self._file.close()
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test of paired wins against losses (ties dropped): how often a fair coin
+    splits at least this unevenly. One question in a hundred either way is noise; this says how much."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired(rows: list[dict[str, Any]], strategy: str, member: str) -> dict[str, Any]:
+    """Questions the strategy got right and the member wrong (wins), and the reverse (losses)."""
+    both = [r for r in rows if strategy in r["strategies"] and member in r["members"]]
+    wins = sum(bool(r["strategies"][strategy]["correct"]) and not r["members"][member]["correct"] for r in both)
+    losses = sum(bool(r["members"][member]["correct"]) and not r["strategies"][strategy]["correct"] for r in both)
+    return {"against": member, "wins": wins, "losses": losses, "p_value": sign_test(wins, losses)}
+
+
 def summarize(
     records: Iterable[dict[str, Any]],
     tasks: Sequence[str],
@@ -113,6 +132,7 @@ def summarize(
             best = max(ensemble, key=lambda s: accuracy[s])
             entry["best_strategy"] = best
             entry["delta_points"] = 100 * (accuracy[best] - accuracy[best_member])
+            entry["paired"] = {s: paired(rows, s, best_member) for s in ensemble}
             deltas.append(entry["delta_points"])
         out["tasks"][task] = entry
     if deltas:
@@ -132,6 +152,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
         "best member",
         "best ensemble",
         "Δ pts",
+        "won/lost (p)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, entry in summary["tasks"].items():
@@ -146,14 +167,20 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 f"{entry['best_strategy']} {100 * acc[entry['best_strategy']]:.1f}",
                 f"{entry['delta_points']:+.1f}",
             ]
+            pair = entry.get("paired", {}).get(entry["best_strategy"])
+            cells.append(f"{pair['wins']}/{pair['losses']} ({pair['p_value']:.2f})" if pair else "–")
         else:
-            cells += ["–", "–"]
+            cells += ["–", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     if "mean_delta_points" in summary:
         lines.append("")
         lines.append(
             f"Mean Δ (best ensemble − best member) over tasks: {summary['mean_delta_points']:+.2f} points; "
             f"ensemble ≥ best member on every task: {'yes' if summary['ensemble_at_least_best_member_everywhere'] else 'no'}."
+        )
+        lines.append(
+            "won/lost: questions the best ensemble answered right and the best member wrong, and the reverse; "
+            "p: two-sided exact sign test of that split."
         )
     return "\n".join(lines) + "\n"
 
