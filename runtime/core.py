@@ -412,17 +412,7 @@ class EnsembleCore:
         for seq_id, members in plan.items():
             seq = self.running[seq_id]
             for member, flags in members.items():
-                first_time = member not in seq.admitted
-                works[member].append(
-                    SeqWork(
-                        seq_id=seq_id,
-                        prompt_ids=seq.prompt_ids[member] if first_time else None,
-                        pieces=seq.unsent.pop(member, []),
-                        full=flags.full or bool(seq.forced),  # scoring needs exact log-probs
-                        relative=flags.relative,
-                    )
-                )
-                seq.admitted.add(member)
+                works[member].append(self._work(seq, member, flags))
         self._ride_along(works, plan)
 
         async def run(member: str, member_works: list[SeqWork]) -> None:
@@ -449,17 +439,24 @@ class EnsembleCore:
             for seq in self.running.values():
                 if member in plan.get(seq.seq_id, {}) or seq.weight(member) <= 0:
                     continue
-                if member not in seq.admitted:
-                    # Admitted with the others now, not when first drawn: the pack forms once.
-                    seq.admitted.add(member)
-                    prompt = seq.prompt_ids[member]
-                elif seq.unsent.get(member):
-                    prompt = None
-                else:
-                    continue
-                member_works.append(
-                    SeqWork(seq_id=seq.seq_id, prompt_ids=prompt, pieces=seq.unsent.pop(member, []), compute=False)
-                )
+                # Not yet admitted: admitted now with the others, not when first drawn, so the pack forms once.
+                if member not in seq.admitted or seq.unsent.get(member):
+                    member_works.append(self._work(seq, member, None))
+
+    @staticmethod
+    def _work(seq: SequenceState, member: str, flags: WorkFlags | None) -> SeqWork:
+        """The member's work for this sequence: its prompt the first time, the text it has not seen,
+        and what to return (`flags`; None: nothing, the text only rides along)."""
+        first_time = member not in seq.admitted
+        seq.admitted.add(member)
+        return SeqWork(
+            seq_id=seq.seq_id,
+            prompt_ids=seq.prompt_ids[member] if first_time else None,
+            pieces=seq.unsent.pop(member, []),
+            compute=flags is not None,
+            full=flags is not None and (flags.full or bool(seq.forced)),  # scoring needs exact log-probs
+            relative=flags is not None and flags.relative,
+        )
 
     async def _invert(
         self, seqs: list[SequenceState], results: dict[str, dict[str, SeqResult]], stats: StepStats

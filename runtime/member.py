@@ -378,7 +378,8 @@ class MemberEngine:
         if not shared:
             return feeds
         self._forward([_Feed(g[0].seq_id, 0, g[0].tokens[:-1], None) for g in shared], 0)
-        self._unpack()  # several prompts were packed together: each needs a cache of its own to copy
+        if len(shared) > 1:
+            self._unpack()  # the prompts were packed together: each needs a cache of its own to copy
         last_only = set()
         for group in shared:
             source = self._seqs[group[0].seq_id]
