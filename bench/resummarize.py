@@ -1,0 +1,44 @@
+"""Recompute an eval folder's summary for the first N questions of each task (a run stopped part-way
+through a larger --limit, or a table at a smaller N than the run reached).
+
+    python -m bench.resummarize results/real/mc-gemma-500 arc_easy:500,mmlu:250 --out /tmp/summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from deploy.jobs.eval_report import PREDICTIONS, markdown_table, summarize, write_outputs
+from runtime.tasks import load_task
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="an eval output folder (its predictions.jsonl is read)")
+    parser.add_argument("limits", help="task:N pairs, comma-separated")
+    parser.add_argument("--out", type=Path, required=True, help="where summary.json, results.md and the chart go")
+    args = parser.parse_args()
+    limits = {task: int(n) for task, n in (pair.split(":") for pair in args.limits.split(","))}
+    records: dict[tuple[str, str], dict] = {}
+    members: list[str] = []
+    strategies: list[str] = []
+    for line in (args.folder / PREDICTIONS).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[(record["task"], record["id"])] = record  # a later attempt at a question wins
+            members += [m for m in record["members"] if m not in members]
+            strategies += [s for s in record["strategies"] if s not in strategies]
+    ids = {task: [q.id for q in load_task(task, limit=n)] for task, n in limits.items()}
+    missing = {t: sum((t, i) not in records for i in qids) for t, qids in ids.items()}
+    if any(missing.values()):
+        raise SystemExit(f"questions not answered in {args.folder}: {missing}")
+    summary = summarize(records.values(), list(limits), members, strategies, ids)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_outputs(args.out, summary)
+    print(markdown_table(summary), end="")
+
+
+if __name__ == "__main__":
+    main()
