@@ -10,9 +10,14 @@ few tokens that carry the probability mass are ever built.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+
+# Rows of recently used tokens (16 KB each with 4,096 anchors): the same few hundred tokens carry
+# the mass step after step, and a row costs a [d] x [d, A] product and a softmax to build.
+_ROW_CACHE_SIZE = 4096
 
 
 class RelativeSpace:
@@ -23,6 +28,7 @@ class RelativeSpace:
         ids = torch.as_tensor(list(anchor_ids), dtype=torch.long, device=embeddings.device)
         self._anchors = torch.nn.functional.normalize(embeddings[ids].float(), dim=-1)  # [A, d]
         self.temperature = temperature
+        self._rows: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     @property
     def num_anchors(self) -> int:
@@ -30,7 +36,21 @@ class RelativeSpace:
 
     def rows(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Relative representations [k, A] of the given tokens."""
-        tokens = torch.nn.functional.normalize(self._embeddings[token_ids.to(self._embeddings.device)].float(), dim=-1)
+        ids = token_ids.tolist()
+        found = {i: self._rows[i] for i in ids if i in self._rows}
+        missing = [i for i in dict.fromkeys(ids) if i not in found]
+        if missing:
+            found.update(zip(missing, self._build_rows(missing), strict=True))
+        for token_id in ids:  # most recently used last, then drop the oldest
+            self._rows[token_id] = found[token_id]
+            self._rows.move_to_end(token_id)
+        while len(self._rows) > _ROW_CACHE_SIZE:
+            self._rows.popitem(last=False)
+        return torch.stack([found[i] for i in ids])
+
+    def _build_rows(self, token_ids: list[int]) -> torch.Tensor:
+        index = torch.tensor(token_ids, dtype=torch.long, device=self._embeddings.device)
+        tokens = torch.nn.functional.normalize(self._embeddings[index].float(), dim=-1)
         return torch.softmax(tokens @ self._anchors.T / self.temperature, dim=-1)
 
     def project(self, token_ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""DeePEn's relative space: rows built on demand, cached, and the same either way."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime import relative
+from runtime.relative import RelativeSpace
+
+
+def space() -> RelativeSpace:
+    torch.manual_seed(0)
+    return RelativeSpace(torch.randn(300, 16), anchor_ids=range(0, 300, 3), temperature=0.1)
+
+
+def test_rows_are_softmaxed_cosines_and_cached_rows_equal_fresh_ones(monkeypatch) -> None:
+    cached, fresh = space(), space()
+    ids = torch.tensor([5, 7, 5, 299, 0])
+    first = cached.rows(ids)
+    torch.testing.assert_close(first.sum(-1), torch.ones(5))
+    torch.testing.assert_close(cached.rows(ids), first)  # from the cache
+    torch.testing.assert_close(fresh._build_rows(ids.tolist()), first)
+    monkeypatch.setattr(relative, "_ROW_CACHE_SIZE", 3)
+    cached.rows(torch.tensor([10, 11, 12, 13]))
+    assert len(cached._rows) == 3
+    torch.testing.assert_close(cached.rows(ids), first)  # evicted rows are rebuilt the same
+
+
+def test_invert_of_a_projection_keeps_its_top_token() -> None:
+    s = space()
+    candidates = torch.tensor([1, 2, 3, 4])
+    logprobs = torch.log_softmax(torch.tensor([3.0, 1.0, 0.5, 0.0]), -1)
+    target = s.project(candidates, logprobs)
+    out = s.invert(target, candidates, torch.log_softmax(torch.zeros(4), -1), steps=50, learning_rate=5.0)
+    assert int(out.argmax()) == 0
+    torch.testing.assert_close(out.exp().sum(), torch.tensor(1.0))
