@@ -65,10 +65,14 @@ def test_serve_run_with_the_config_file(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            code = process.wait(timeout=90)
+            # Shutdown deletes the app (each replica has graceful_shutdown_timeout_s), then the controller,
+            # then the private Ray instance: once, late in a full CI run on 2 busy cores, it took over 90 s.
+            code = process.wait(timeout=180)
         except subprocess.TimeoutExpired:
             process.kill()
-            raise AssertionError("serve run did not stop within 90 s of Ctrl-C") from None
+            log.close()
+            tail = (tmp_path / "serve.log").read_text()[-3000:]
+            raise AssertionError(f"serve run did not stop within 180 s of Ctrl-C; its log ends:\n{tail}") from None
         finally:
             log.close()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
