@@ -48,6 +48,7 @@ def test_serve_run_with_the_config_file(tmp_path: Path) -> None:
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",
+        "PYTHONUNBUFFERED": "1",  # so that a failure's log shows how far the shutdown got
     }
     env.pop("CONSORT_API_KEYS", None)
     log = (tmp_path / "serve.log").open("wb")
