@@ -1,6 +1,7 @@
 """The distributed runtime on the two real models, members as separate actors, in one run.
 
     python -m bench.coordinator [--tokens 32] [--threads 1] [--address ADDR]
+    python -m bench.coordinator --gpu-share 0.5     # both members on one GPU (one GPU machine)
 
 Figures (issue 4):
 - coordination overhead at batch 1: ensemble step latency seen by the caller ÷ the slowest
@@ -98,12 +99,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--address")
     parser.add_argument("--json")
+    parser.add_argument(
+        "--gpu-share",
+        type=float,
+        help="run the members on GPUs, each taking this share of one (0.5: both members share one GPU)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     connect(args.address)
     base = default_config().model_dump()
     for member in base["members"]:
         member["threads"] = args.threads
+        if args.gpu_share is not None:
+            member["num_gpus"] = args.gpu_share
+    if args.gpu_share is not None:
+        base["device"] = "cuda"
     config = parse_config({**base, "max_batch": 16})
     coordinator = start_coordinator(config)
     figures: dict[str, Any] = {}
