@@ -47,7 +47,9 @@ async def one_stream(coordinator: Any, prompt: Prompt, params: SamplingParams, o
 def overhead(coordinator: Any, strategy: str, tokens: int) -> dict[str, float]:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     options = RequestOptions(strategy=strategy)
-    asyncio.run(complete(coordinator, Prompt(text=PROMPTS[0]), SamplingParams(temperature=0.0, max_tokens=4), options))
+    # Warm up with a whole request of the measured length: on a GPU the first tens of steps run
+    # several times slower (clocks ramping, kernels loading lazily), which a few tokens do not cover.
+    asyncio.run(complete(coordinator, Prompt(text=PROMPTS[0]), params, options))
     before = member_totals(coordinator)
     ray.get(coordinator.step_profile.remote())
     times = asyncio.run(one_stream(coordinator, Prompt(text=PROMPTS[1]), params, options))
