@@ -1,7 +1,7 @@
 """Merge the summary.json of several `consort eval` runs into one table and one chart (docs/results.md).
 
     python -m bench.results_chart results/real/mc-gemma/summary.json results/real/gen/summary.json \
-        --png docs/results.png --title "SmolLM2-135M-Instruct + Gemma-3-270M, CPU"
+        --png docs/results.png --json docs/results.json --title "SmolLM2-135M-Instruct + Gemma-3-270M"
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ def main() -> None:
     parser.add_argument("summaries", nargs="+", type=Path)
     parser.add_argument("--png", type=Path, required=True)
     parser.add_argument("--title", default="Accuracy per task: each member alone and each strategy")
+    parser.add_argument("--json", type=Path, help="also write the merged summary here")
     args = parser.parse_args()
     merged = merge(args.summaries)
+    if args.json:
+        args.json.write_text(json.dumps(merged, indent=2) + "\n")
     bar_chart(merged, args.png, title=args.title)
     print(markdown_table(merged), end="")
 
