@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from runtime.worker import InvertWork, SeqResult, SeqWork
 log = logging.getLogger(__name__)
 
 MEMBER_RESTARTS = 3
+PROFILE_RECENT_STEPS = 4096  # per-step records kept for `step_profile`; bounded, nobody may ever read them
 
 
 class RayExecutor:
@@ -42,6 +44,15 @@ class RayExecutor:
         self.actors = actors
         self.timeout_s = timeout_s
         self.lost: set[str] = set()
+        # Seconds each member computed in the current step (as it reports), kept apart from the round trip.
+        self.step_compute: dict[str, float] = {}
+        self.invert_compute: dict[str, float] = {}
+
+    def take_compute(self) -> tuple[dict[str, float], dict[str, float]]:
+        """This step's member compute (step calls, inverse searches), and start the next step's."""
+        taken = self.step_compute, self.invert_compute
+        self.step_compute, self.invert_compute = {}, {}
+        return taken
 
     async def _call(self, member: str, method: str, *args: Any) -> Any:
         try:
@@ -55,10 +66,14 @@ class RayExecutor:
             raise MemberLost(member, type(error).__name__) from error
 
     async def step(self, member: str, works: list[SeqWork]) -> list[SeqResult]:
-        return await self._call(member, "step", works)
+        results, seconds = await self._call(member, "step", works)
+        self.step_compute[member] = self.step_compute.get(member, 0.0) + seconds
+        return results
 
     async def invert(self, member: str, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]:
-        return [torch.tensor(out) for out in await self._call(member, "invert", works, steps, learning_rate)]
+        outs, seconds = await self._call(member, "invert", works, steps, learning_rate)
+        self.invert_compute[member] = self.invert_compute.get(member, 0.0) + seconds
+        return [torch.tensor(out) for out in outs]
 
     async def release(self, member: str, seq_ids: list[str]) -> None:
         if member not in self.lost:
@@ -67,19 +82,34 @@ class RayExecutor:
 
 @dataclass
 class StepProfile:
-    """Sums over steps: the step as the loop saw it, each member's round trip, the fusion."""
+    """Sums over steps: the step as the loop saw it, each member's round trip, the fusion; and the
+    last steps one by one, so a benchmark can leave the prefill step out."""
 
     steps: int = 0
     step_seconds: float = 0.0
     fusion_seconds: float = 0.0
     member_round_trip_seconds: dict[str, float] = field(default_factory=dict)
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=PROFILE_RECENT_STEPS))
 
-    def add(self, seconds: float, stats: StepStats) -> None:
+    def add(self, seconds: float, stats: StepStats, compute: tuple[dict[str, float], dict[str, float]]) -> None:
         self.steps += 1
         self.step_seconds += seconds
         self.fusion_seconds += stats.fusion_seconds
         for member, round_trip in stats.member_seconds.items():
             self.member_round_trip_seconds[member] = self.member_round_trip_seconds.get(member, 0.0) + round_trip
+        step_compute, invert_compute = compute
+        self.recent.append(
+            {
+                "loop_seconds": seconds,
+                "fusion_seconds": stats.fusion_seconds,
+                "member_round_trip_seconds": dict(stats.member_seconds),
+                "member_compute_seconds": step_compute,
+                "invert_compute_seconds": invert_compute,
+                # No step can be shorter than its slowest member's compute, then the inverse search after it.
+                "critical_member_seconds": max(step_compute.values(), default=0.0)
+                + max(invert_compute.values(), default=0.0),
+            }
+        )
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -87,6 +117,7 @@ class StepProfile:
             "step_seconds": self.step_seconds,
             "fusion_seconds": self.fusion_seconds,
             "member_round_trip_seconds": dict(self.member_round_trip_seconds),
+            "recent": list(self.recent),
         }
 
 
@@ -264,6 +295,7 @@ class Coordinator:
                 self._fail_running(error, waiting_too=True)
                 return
         self.metrics.queue_depth.set(len(self.core.waiting), tags=self.metrics.tags)
+        self.executor.take_compute()  # a failed step's leftovers must not count towards this one
         started = time.perf_counter()
         try:
             deltas = await self.core.step()
@@ -274,7 +306,7 @@ class Coordinator:
             log.exception("ensemble step failed")
             self._fail_running(error)
             return
-        self._profile.add(time.perf_counter() - started, self.core.last_stats)
+        self._profile.add(time.perf_counter() - started, self.core.last_stats, self.executor.take_compute())
         self._record(deltas)
         for delta in deltas:
             queue = self._queues.get(delta.seq_id)

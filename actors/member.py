@@ -45,22 +45,28 @@ class MemberActor:
     def set_anchors(self, anchor_ids: Sequence[int], temperature: float, relative_top_k: int) -> int:
         return self.worker.set_anchors(anchor_ids, temperature, relative_top_k)
 
-    def step(self, works: list[SeqWork]) -> list[SeqResult]:
+    def step(self, works: list[SeqWork]) -> tuple[list[SeqResult], float]:
+        """The results, and the seconds this member computed: the coordinator separates compute
+        from coordination per step with it."""
         started = time.perf_counter()
         try:
-            return self.worker.step(works)
+            results = self.worker.step(works)
         finally:
-            self.step_seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.step_seconds += seconds
             self.step_calls += 1
+        return results, seconds
 
-    def invert(self, works: list[InvertWork], steps: int, learning_rate: float) -> list[np.ndarray]:
+    def invert(self, works: list[InvertWork], steps: int, learning_rate: float) -> tuple[list[np.ndarray], float]:
         started = time.perf_counter()
         try:
             # numpy crosses the process boundary several times cheaper than a small tensor.
-            return [out.numpy() for out in self.worker.invert(works, steps=steps, learning_rate=learning_rate)]
+            outs = [out.numpy() for out in self.worker.invert(works, steps=steps, learning_rate=learning_rate)]
         finally:
-            self.invert_seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.invert_seconds += seconds
             self.invert_calls += 1
+        return outs, seconds
 
     def release(self, seq_ids: list[str]) -> None:
         self.worker.release(seq_ids)

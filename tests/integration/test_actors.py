@@ -75,6 +75,26 @@ def test_concurrent_requests_are_batched_and_match_their_solo_text(coordinator, 
     assert all(s["max_batch_size"] > 1 for s in stats.values()), stats
 
 
+def test_step_profile_separates_member_compute_from_the_loop(coordinator) -> None:
+    before = ray.get(coordinator.member_stats.remote())
+    ray.get(coordinator.step_profile.remote())
+    text, _, deltas = run(complete(coordinator, PROMPTS[0], GREEDY, RequestOptions(strategy="deepen")))
+    records = ray.get(coordinator.step_profile.remote())["recent"]
+    after = ray.get(coordinator.member_stats.remote())
+    assert len(records) == len(deltas) == GREEDY.max_tokens
+    for record in records:
+        # The loop waited for every member's reply and the inverse search after them.
+        assert 0 < record["critical_member_seconds"] <= record["loop_seconds"]
+        assert set(record["member_compute_seconds"]) == set(after)
+        assert set(record["invert_compute_seconds"]) == {"smollm2"}  # deepen inverts in the main member only
+    for name in after:
+        reported = sum(r["member_compute_seconds"][name] + r["invert_compute_seconds"].get(name, 0.0) for r in records)
+        timed_inside = (after[name]["step_seconds"] - before[name]["step_seconds"]) + (
+            after[name]["invert_seconds"] - before[name]["invert_seconds"]
+        )
+        assert reported == pytest.approx(timed_inside, rel=1e-6)
+
+
 def test_cancelled_requests_free_member_state(coordinator) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
 
