@@ -78,7 +78,7 @@ def test_concurrent_requests_are_batched_and_match_their_solo_text(coordinator, 
 def test_step_profile_separates_member_compute_from_the_loop(coordinator) -> None:
     before = ray.get(coordinator.member_stats.remote())
     ray.get(coordinator.step_profile.remote())
-    text, _, deltas = run(complete(coordinator, PROMPTS[0], GREEDY, RequestOptions(strategy="deepen")))
+    _, _, deltas = run(complete(coordinator, PROMPTS[0], GREEDY, RequestOptions(strategy="deepen")))
     records = ray.get(coordinator.step_profile.remote())["recent"]
     after = ray.get(coordinator.member_stats.remote())
     assert len(records) == len(deltas) == GREEDY.max_tokens
