@@ -82,21 +82,12 @@ class RayExecutor:
 
 @dataclass
 class StepProfile:
-    """Sums over steps: the step as the loop saw it, each member's round trip, the fusion; and the
-    last steps one by one, so a benchmark can leave the prefill step out."""
+    """The last steps one by one, for benchmarks: the loop's time, the fusion, each member's round
+    trip and its own compute as it reports it; one step per record, so the prefill can be left out."""
 
-    steps: int = 0
-    step_seconds: float = 0.0
-    fusion_seconds: float = 0.0
-    member_round_trip_seconds: dict[str, float] = field(default_factory=dict)
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=PROFILE_RECENT_STEPS))
 
     def add(self, seconds: float, stats: StepStats, compute: tuple[dict[str, float], dict[str, float]]) -> None:
-        self.steps += 1
-        self.step_seconds += seconds
-        self.fusion_seconds += stats.fusion_seconds
-        for member, round_trip in stats.member_seconds.items():
-            self.member_round_trip_seconds[member] = self.member_round_trip_seconds.get(member, 0.0) + round_trip
         step_compute, invert_compute = compute
         self.recent.append(
             {
@@ -112,13 +103,7 @@ class StepProfile:
         )
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "step_seconds": self.step_seconds,
-            "fusion_seconds": self.fusion_seconds,
-            "member_round_trip_seconds": dict(self.member_round_trip_seconds),
-            "recent": list(self.recent),
-        }
+        return {"recent": list(self.recent)}
 
 
 class Coordinator:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ def _sync(device: str) -> None:
 
 
 @torch.no_grad()
-def step_ms(model: object, input_ids: torch.Tensor, tokens: int, device: str) -> float:
+def step_ms(model: Any, input_ids: torch.Tensor, tokens: int, device: str) -> float:
     out = model(input_ids=input_ids, use_cache=True)
     past, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
     _sync(device)
