@@ -352,7 +352,7 @@ class Coordinator:
         return {"members": await self.member_stats(), "waiting": len(self.core.waiting), "running": len(self.core.running)}
 
     def step_profile(self) -> dict[str, Any]:
-        """Where the steps since the last call spent their time (benchmarks); resets the sums."""
+        """Where each step since the last call spent its time, one record a step (benchmarks); starts afresh."""
         profile, self._profile = self._profile, StepProfile()
         return profile.summary()
 
