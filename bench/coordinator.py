@@ -59,8 +59,8 @@ def overhead(coordinator: Any, strategy: str, tokens: int) -> dict[str, float]:
     step = (times[-1] - times[0]) / (len(times) - 1)
     names = sorted({name for record in decode for name in record["member_round_trip_seconds"]})
 
-    def per_step(key: str, name: str) -> float:
-        return _mean([record[key].get(name, 0.0) for record in decode])
+    def per_step(key: str, name: str, over: list[dict[str, Any]] = decode) -> float:
+        return _mean([record[key].get(name, 0.0) for record in over])
 
     inside = {name: per_step("member_compute_seconds", name) for name in names}
     invert = {name: per_step("invert_compute_seconds", name) for name in names}
@@ -69,9 +69,7 @@ def overhead(coordinator: Any, strategy: str, tokens: int) -> dict[str, float]:
     critical = _mean([record["critical_member_seconds"] for record in decode])
     slowest = max(inside.values())
     # How runs before the per-step records measured it (the prefill call in the member's mean), for continuity.
-    slowest_with_prefill = max(
-        _mean([record["member_compute_seconds"].get(name, 0.0) for record in records]) for name in names
-    )
+    slowest_with_prefill = max(per_step("member_compute_seconds", name, records) for name in names)
     figures = {
         "ensemble_step_ms": 1000 * step,
         "slowest_member_step_ms": 1000 * slowest,
