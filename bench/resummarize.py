@@ -7,10 +7,9 @@ through a larger --limit, or a table at a smaller N than the run reached).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from deploy.jobs.eval_report import PREDICTIONS, markdown_table, summarize, write_outputs
+from deploy.jobs.eval_report import PREDICTIONS, markdown_table, read_predictions, summarize, write_outputs
 from runtime.tasks import load_task
 
 
@@ -21,15 +20,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="where summary.json, results.md and the chart go")
     args = parser.parse_args()
     limits = {task: int(n) for task, n in (pair.split(":") for pair in args.limits.split(","))}
-    records: dict[tuple[str, str], dict] = {}
-    members: list[str] = []
-    strategies: list[str] = []
-    for line in (args.folder / PREDICTIONS).read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records[(record["task"], record["id"])] = record  # a later attempt at a question wins
-            members += [m for m in record["members"] if m not in members]
-            strategies += [s for s in record["strategies"] if s not in strategies]
+    records = read_predictions(args.folder / PREDICTIONS)
+    members = list(dict.fromkeys(m for record in records.values() for m in record["members"]))
+    strategies = list(dict.fromkeys(s for record in records.values() for s in record["strategies"]))
     ids = {task: [q.id for q in load_task(task, limit=n)] for task, n in limits.items()}
     missing = {t: sum((t, i) not in records for i in qids) for t, qids in ids.items()}
     if any(missing.values()):

@@ -20,6 +20,23 @@ class ResultsError(ConsortError):
     """The output folder holds something this run cannot continue from."""
 
 
+def read_predictions(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """The complete lines of a predictions file by (task, id); a later answer to a question wins,
+    and a last line cut short by a kill is left out."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ResultsError(f"{path}:{number} is not valid JSON ({error}); move the file away") from error
+        records[(record["task"], record["id"])] = record
+    return records
+
+
 class PredictionStore:
     """The append-only predictions file: one JSON line per answered question, flushed as it is written.
 
@@ -42,16 +59,7 @@ class PredictionStore:
             # The last write was interrupted: keep only complete lines.
             with self.path.open("r+b") as handle:
                 handle.truncate(end)
-        for number, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ResultsError(
-                    f"{self.path}:{number} is not valid JSON ({error}); move the file away"
-                ) from error
-            self.records[(record["task"], record["id"])] = record
+        self.records = read_predictions(self.path)
 
     def answered(self, task: str, strategies: Sequence[str], members: Sequence[str]) -> set[str]:
         """Ids of `task` whose record already holds every requested strategy and member."""

@@ -31,6 +31,10 @@ DEFAULT_SIGINT_EXEC = (
 )
 
 
+def _log_tail(tmp_path: Path) -> str:
+    return (tmp_path / "serve.log").read_text()[-3000:]
+
+
 def _wait_ready(url: str, process: subprocess.Popen[bytes], within_s: float) -> None:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
@@ -85,13 +89,12 @@ def test_serve_run_with_the_config_file(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             log.close()
-            tail = (tmp_path / "serve.log").read_text()[-3000:]
             raise AssertionError(
-                f"serve run did not stop within 90 s of Ctrl-C; its log ends:\n{tail}"
+                f"serve run did not stop within 90 s of Ctrl-C; its log ends:\n{_log_tail(tmp_path)}"
             ) from None
         finally:
             log.close()
-    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert code == 0, _log_tail(tmp_path)
     try:
         httpx.get(f"{url}/health", timeout=3)
         raise AssertionError("the endpoint still answers after serve run stopped")
