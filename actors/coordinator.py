@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
-from actors.member import MemberActor
+from actors.executors import make_executor
+from actors.member import MemberActor, MemberCall
 from actors.metrics import EnsembleMetrics
 from actors.placement import Placement, from_current_group, reserve
 from runtime.config import EnsembleConfig
@@ -29,55 +29,11 @@ from runtime.core import Delta, EnsembleCore, MemberInfo, RequestOptions, StepSt
 from runtime.errors import ConsortError, MemberLost, Overloaded
 from runtime.prompts import Prompt
 from runtime.sampling import SamplingParams
-from runtime.worker import InvertWork, SeqResult, SeqWork
 
 log = logging.getLogger(__name__)
 
 MEMBER_RESTARTS = 3
 PROFILE_RECENT_STEPS = 4096  # per-step records kept for `step_profile`; bounded, nobody may ever read them
-
-
-class RayExecutor:
-    """Member work as actor calls, each bounded by a timeout; a dead member becomes MemberLost."""
-
-    def __init__(self, actors: dict[str, Any], timeout_s: float) -> None:
-        self.actors = actors
-        self.timeout_s = timeout_s
-        self.lost: set[str] = set()
-        # Seconds each member computed in the current step (as it reports), kept apart from the round trip.
-        self.step_compute: dict[str, float] = {}
-        self.invert_compute: dict[str, float] = {}
-
-    def take_compute(self) -> tuple[dict[str, float], dict[str, float]]:
-        """This step's member compute (step calls, inverse searches), and start the next step's."""
-        taken = self.step_compute, self.invert_compute
-        self.step_compute, self.invert_compute = {}, {}
-        return taken
-
-    async def _call(self, member: str, method: str, *args: Any) -> Any:
-        try:
-            ref = getattr(self.actors[member], method).remote(*args)
-            return await asyncio.wait_for(ref, timeout=self.timeout_s)
-        except TimeoutError as error:
-            self.lost.add(member)
-            raise MemberLost(member, f"no answer to {method} within {self.timeout_s:g} s") from error
-        except RayActorError as error:
-            self.lost.add(member)
-            raise MemberLost(member, type(error).__name__) from error
-
-    async def step(self, member: str, works: list[SeqWork]) -> list[SeqResult]:
-        results, seconds = await self._call(member, "step", works)
-        self.step_compute[member] = self.step_compute.get(member, 0.0) + seconds
-        return results
-
-    async def invert(self, member: str, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]:
-        outs, seconds = await self._call(member, "invert", works, steps, learning_rate)
-        self.invert_compute[member] = self.invert_compute.get(member, 0.0) + seconds
-        return [torch.tensor(out) for out in outs]
-
-    async def release(self, member: str, seq_ids: list[str]) -> None:
-        if member not in self.lost:
-            await self._call(member, "release", seq_ids)
 
 
 @dataclass
@@ -114,7 +70,7 @@ class Coordinator:
         self.placement: Placement = from_current_group(config) if in_serve_replica else reserve(config, placement_timeout_s)
         self.actors = {m.name: self._start_member(m.name) for m in config.members}
         infos: list[MemberInfo] = self._get([a.describe.remote() for a in self.actors.values()], 600.0)
-        self.executor = RayExecutor(self.actors, config.step_timeout_s)
+        self.executor = make_executor(config.transport, self.actors, config.step_timeout_s)
         self.core = EnsembleCore(config, infos, self.executor)
         self._init_anchors(list(self.actors))
         if config.strategy != "vote":
@@ -176,6 +132,7 @@ class Coordinator:
                     raise MemberLost(name, f"could not be restarted: {type(error).__name__}") from error
             self.executor.lost.discard(name)
             log.warning("member %s is back after a restart", name)
+        self.executor.reset()
 
     # -- requests ------------------------------------------------------------------------------
     def _ensure_loop(self) -> None:
@@ -320,7 +277,7 @@ class Coordinator:
                 queue.put_nowait(error)
         live = [n for n in self.actors if n not in self.executor.lost]
         for name in live:
-            self.actors[name].release.remote(failed)
+            self.actors[name].call.remote(MemberCall(release=failed))
 
     def _record(self, deltas: list[Delta]) -> None:
         stats = self.core.last_stats
@@ -360,6 +317,7 @@ class Coordinator:
         return self.actors[name]
 
     def shutdown(self) -> None:
+        self.executor.close()
         for actor in self.actors.values():
             ray.kill(actor, no_restart=True)
         self.placement.remove()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -17,6 +19,28 @@ from runtime.loop import load_worker, member_info, resolve_dtype
 from runtime.worker import InvertWork, SeqResult, SeqWork
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemberCall:
+    """One member's part of a round: the same message through an actor call or the compiled graph."""
+
+    step: list[SeqWork] | None = None
+    invert: list[InvertWork] | None = None
+    invert_steps: int = 0
+    invert_learning_rate: float = 0.0
+    release: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MemberAnswer:
+    """What a call gives back, and the seconds this member computed for it (the coordinator
+    separates compute from coordination per step with it)."""
+
+    results: list[SeqResult] | None = None
+    inverted: list[np.ndarray] | None = None  # numpy crosses the process boundary cheaper than small tensors
+    step_seconds: float = 0.0
+    invert_seconds: float = 0.0
 
 
 class MemberActor:
@@ -38,40 +62,62 @@ class MemberActor:
         self.invert_seconds = 0.0  # DeePEn's inverse search, which only the main member runs
         self.invert_calls = 0
         self.dtype = resolve_dtype(member.dtype, device)
+        # A compiled graph runs `call` on a background thread while plain calls (stats, anchors,
+        # the eval job's direct scoring) run on the main one: the worker is touched by one at a time.
+        self._lock = threading.Lock()
+        self._busy_since: float | None = None
 
     def describe(self) -> MemberInfo:
         return member_info(self.worker)
 
     def set_anchors(self, anchor_ids: Sequence[int], temperature: float, relative_top_k: int) -> int:
-        return self.worker.set_anchors(anchor_ids, temperature, relative_top_k)
+        with self._lock:
+            return self.worker.set_anchors(anchor_ids, temperature, relative_top_k)
 
-    def step(self, works: list[SeqWork]) -> tuple[list[SeqResult], float]:
-        """The results, and the seconds this member computed: the coordinator separates compute
-        from coordination per step with it."""
-        started = time.perf_counter()
-        try:
-            results = self.worker.step(works)
-        finally:
-            seconds = time.perf_counter() - started
-            self.step_seconds += seconds
-            self.step_calls += 1
-        return results, seconds
+    def call(self, call: MemberCall | None) -> MemberAnswer:
+        """Free, step, invert (in that order), as the call asks; None: nothing this round (a graph
+        round reaches every member, `me` needs only some)."""
+        answer = MemberAnswer()
+        if call is None:
+            return answer
+        with self._lock:
+            self._busy_since = time.monotonic()
+            try:
+                if call.release:
+                    self.worker.release(call.release)
+                if call.step is not None:
+                    started = time.perf_counter()
+                    try:
+                        answer.results = self.worker.step(call.step)
+                    finally:
+                        answer.step_seconds = time.perf_counter() - started
+                        self.step_seconds += answer.step_seconds
+                        self.step_calls += 1
+                if call.invert is not None:
+                    started = time.perf_counter()
+                    try:
+                        inverted = self.worker.invert(
+                            call.invert, steps=call.invert_steps, learning_rate=call.invert_learning_rate
+                        )
+                        answer.inverted = [out.numpy() for out in inverted]
+                    finally:
+                        answer.invert_seconds = time.perf_counter() - started
+                        self.invert_seconds += answer.invert_seconds
+                        self.invert_calls += 1
+            finally:
+                self._busy_since = None
+        return answer
 
-    def invert(self, works: list[InvertWork], steps: int, learning_rate: float) -> tuple[list[np.ndarray], float]:
-        started = time.perf_counter()
-        try:
-            # numpy crosses the process boundary several times cheaper than a small tensor.
-            outs = [out.numpy() for out in self.worker.invert(works, steps=steps, learning_rate=learning_rate)]
-        finally:
-            seconds = time.perf_counter() - started
-            self.invert_seconds += seconds
-            self.invert_calls += 1
-        return outs, seconds
-
-    def release(self, seq_ids: list[str]) -> None:
-        self.worker.release(seq_ids)
+    def busy_for(self) -> float | None:
+        """Seconds the call in progress has run (None: idle); takes no lock, so it answers while busy."""
+        since = self._busy_since
+        return None if since is None else time.monotonic() - since
 
     def stats(self) -> dict[str, float]:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, float]:
         engine = self.worker.engine
         stats = engine.stats if isinstance(engine.stats, dict) else vars(engine.stats)
         return {

@@ -9,13 +9,12 @@ executor runs the members.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import itertools
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,14 +38,23 @@ from runtime.vocab import TokenTable, anchors
 from runtime.worker import InvertWork, Piece, SeqResult, SeqWork
 
 
-class Executor(Protocol):
-    """Runs member work: in process, or on member actors."""
+@dataclass
+class MemberReply:
+    """One member's results in a round, and its round trip as the executor saw it."""
 
-    async def step(self, member: str, works: list[SeqWork]) -> list[SeqResult]: ...
+    results: list[SeqResult]
+    seconds: float
+
+
+class Executor(Protocol):
+    """Runs member work in rounds, one concurrent round per phase of a step: in process, or on
+    member actors (a round is then one compiled-graph execution or one call per member)."""
+
+    async def step(self, works: Mapping[str, list[SeqWork]]) -> dict[str, MemberReply]: ...
 
     async def invert(self, member: str, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]: ...
 
-    async def release(self, member: str, seq_ids: list[str]) -> None: ...
+    async def release(self, seq_ids: Mapping[str, list[str]]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -414,16 +422,13 @@ class EnsembleCore:
             for member, flags in members.items():
                 works[member].append(self._work(seq, member, flags))
         self._ride_along(works, plan)
-
-        async def run(member: str, member_works: list[SeqWork]) -> None:
-            started = time.perf_counter()
-            for work, result in zip(member_works, await self.executor.step(member, member_works), strict=True):
+        replies = await self.executor.step(works)
+        for member, reply in replies.items():
+            for work, result in zip(works[member], reply.results, strict=True):
                 if work.compute:  # a rider only took its text in: it has no distribution to give
                     results[result.seq_id][member] = result
-            stats.member_seconds[member] = stats.member_seconds.get(member, 0.0) + time.perf_counter() - started
-            stats.member_batch[member] = max(stats.member_batch.get(member, 0), len(member_works))
-
-        await asyncio.gather(*(run(m, w) for m, w in works.items()))
+            stats.member_seconds[member] = stats.member_seconds.get(member, 0.0) + reply.seconds
+            stats.member_batch[member] = max(stats.member_batch.get(member, 0), len(works[member]))
 
     def _ride_along(self, works: dict[str, list[SeqWork]], plan: dict[str, dict[str, WorkFlags]]) -> None:
         """A member that runs a forward anyway takes in the text of the other sequences it holds.
@@ -568,4 +573,5 @@ class EnsembleCore:
             self.running.pop(seq.seq_id, None)
             for member in seq.admitted:
                 by_member[member].append(seq.seq_id)
-        await asyncio.gather(*(self.executor.release(m, ids) for m, ids in by_member.items()))
+        if by_member:
+            await self.executor.release(by_member)

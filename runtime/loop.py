@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,11 +12,11 @@ import torch
 
 from runtime import models
 from runtime.config import EnsembleConfig
-from runtime.core import Delta, EnsembleCore, MemberInfo, RequestOptions, TokenLogprob
+from runtime.core import Delta, EnsembleCore, MemberInfo, MemberReply, RequestOptions, TokenLogprob
 from runtime.member import MemberEngine
 from runtime.prompts import Prompt
 from runtime.sampling import SamplingParams
-from runtime.worker import InvertWork, MemberWorker, SeqResult, SeqWork
+from runtime.worker import InvertWork, MemberWorker, SeqWork
 
 
 class LocalExecutor:
@@ -24,14 +25,20 @@ class LocalExecutor:
     def __init__(self, workers: dict[str, MemberWorker]) -> None:
         self.workers = workers
 
-    async def step(self, member: str, works: list[SeqWork]) -> list[SeqResult]:
-        return self.workers[member].step(works)
+    async def step(self, works: Mapping[str, list[SeqWork]]) -> dict[str, MemberReply]:
+        replies = {}
+        for member, member_works in works.items():
+            started = time.perf_counter()
+            results = self.workers[member].step(member_works)
+            replies[member] = MemberReply(results, time.perf_counter() - started)
+        return replies
 
     async def invert(self, member: str, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]:
         return self.workers[member].invert(works, steps=steps, learning_rate=learning_rate)
 
-    async def release(self, member: str, seq_ids: list[str]) -> None:
-        self.workers[member].release(seq_ids)
+    async def release(self, seq_ids: Mapping[str, list[str]]) -> None:
+        for member, ids in seq_ids.items():
+            self.workers[member].release(ids)
 
 
 def member_info(worker: MemberWorker) -> MemberInfo:

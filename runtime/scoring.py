@@ -112,9 +112,7 @@ async def member_logliks(
         ids = {i: f"loglik-{tag}-{i}" for i in group}
         try:
             # Step 1: prefill the contexts (only the last position's logits are kept).
-            await executor.step(
-                member.name, [SeqWork(seq_id=ids[i], prompt_ids=encoded[i][0]) for i in group]
-            )
+            await executor.step({member.name: [SeqWork(seq_id=ids[i], prompt_ids=encoded[i][0]) for i in group]})
             # Step 2: the continuations, fed as the member's own tokens, with echo: one forward
             # gives log p(token | everything before it) for each of them.
             works = [
@@ -125,9 +123,9 @@ async def member_logliks(
                 )
                 for i in group
             ]
-            results = await executor.step(member.name, works)
+            results = (await executor.step({member.name: works}))[member.name].results
         finally:
-            await executor.release(member.name, list(ids.values()))
+            await executor.release({member.name: list(ids.values())})
         for i, result in zip(group, results, strict=True):
             assert result.echo_logprobs is not None
             # echo starts at the first token after the context, so it covers the continuation exactly.

@@ -72,14 +72,13 @@ class RayBackend:
 
     Ensemble scoring and generation go through the coordinator, which batches
     concurrent requests; the members-alone fast path calls the member actors
-    directly (the coordinator has no echo call), through the same executor type
-    the coordinator uses.
+    directly (the coordinator has no echo call), by plain actor calls.
     """
 
     def __init__(self, coordinator: Any, config: EnsembleConfig) -> None:
         import ray
 
-        from actors.coordinator import RayExecutor
+        from actors.executors import ActorCallExecutor
 
         self.coordinator = coordinator
         self.config = config
@@ -87,7 +86,8 @@ class RayBackend:
         actors = {n: ray.get(coordinator.member_actor.remote(n)) for n in names}
         infos: list[MemberInfo] = ray.get([actors[n].describe.remote() for n in names])
         self.members = {info.name: info for info in infos}
-        self.executor = RayExecutor(actors, config.step_timeout_s)
+        # Plain calls: the coordinator's compiled graph belongs to its process; these calls run beside it.
+        self.executor = ActorCallExecutor(actors, config.step_timeout_s)
 
     @classmethod
     def start(cls, config: EnsembleConfig) -> RayBackend:

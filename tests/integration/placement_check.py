@@ -6,6 +6,7 @@ and the integration session already holds one. Prints one JSON line of findings.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -33,18 +34,40 @@ def config(placement: str, members: int, num_gpus: float = 1.0) -> dict:
     }
 
 
-def nodes_of(raw: dict, placement_timeout_s: float = 120.0) -> dict:
+PROMPT = "The capital of France is"
+TOKENS = 12
+
+
+def nodes_of(raw: dict, placement_timeout_s: float = 120.0, generate: bool = False) -> dict:
+    """Where the members landed; with `generate`, also the greedy text through the coordinator."""
+    from actors.client import complete
     from actors.coordinator import CoordinatorActor
+    from runtime.prompts import Prompt
+    from runtime.sampling import SamplingParams
 
     actor = CoordinatorActor.remote(parse_config(raw), placement_timeout_s=placement_timeout_s)
     try:
-        return ray.get(actor.member_nodes.remote(), timeout=300)
+        found = ray.get(actor.member_nodes.remote(), timeout=300)
+        if generate:
+            params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
+            found["text"] = asyncio.run(complete(actor, Prompt(text=PROMPT), params))[0]
+        return found
     finally:
         try:
             ray.get(actor.shutdown.remote(), timeout=60)
         except RayActorError:
             pass
         ray.kill(actor)
+
+
+def in_process_text(raw: dict) -> str:
+    from runtime.loop import EnsembleLoop
+    from runtime.prompts import Prompt
+    from runtime.sampling import SamplingParams
+
+    loop = EnsembleLoop.from_config(parse_config(raw), device="cpu")
+    params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
+    return loop.generate([Prompt(text=PROMPT)], params)[0].text
 
 
 def main() -> None:
@@ -54,7 +77,11 @@ def main() -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     findings: dict = {}
     try:
-        findings["strict_spread"] = nodes_of(config("strict_spread", 3))
+        # Members on three nodes: the compiled graph's channels and plain calls both cross nodes.
+        for transport in ("compiled_graph", "actor_calls"):
+            raw = {**config("strict_spread", 3), "transport": transport}
+            findings[f"strict_spread_{transport}"] = nodes_of(raw, generate=True)
+        findings["in_process_text"] = in_process_text(config("strict_spread", 3))
         findings["pack_fractional"] = nodes_of(config("pack", 2, num_gpus=0.5))
         try:
             nodes_of(config("strict_spread", 4), placement_timeout_s=5)

@@ -113,8 +113,26 @@ def test_cancelled_requests_free_member_state(coordinator) -> None:
     assert all(s["held_sequences"] == 0 and s["engine_sequences"] == 0 for s in stats.values()), stats
 
 
-def test_a_killed_member_fails_requests_fast_and_recovers(ray_cluster, config) -> None:
-    fast = parse_config({**config.model_dump(), "step_timeout_s": 30})
+@pytest.fixture(scope="module")
+def plain_calls_coordinator(ray_cluster, config):
+    actor = start_coordinator(parse_config({**config.model_dump(), "transport": "actor_calls"}))
+    yield actor
+    ray.get(actor.shutdown.remote())
+    ray.kill(actor)
+
+
+@pytest.mark.parametrize("strategy", ["mean", "deepen", "me"])
+def test_both_transports_give_the_same_text(coordinator, plain_calls_coordinator, strategy: str) -> None:
+    params = SamplingParams(temperature=0.8, max_tokens=10, seed=3, ignore_eos=True)
+    options = RequestOptions(strategy=strategy)
+    graph = [run(complete(coordinator, p, params, options))[0] for p in PROMPTS]
+    plain = [run(complete(plain_calls_coordinator, p, params, options))[0] for p in PROMPTS]
+    assert graph == plain and all(graph)
+
+
+@pytest.mark.parametrize("transport", ["compiled_graph", "actor_calls"])
+def test_a_killed_member_fails_requests_fast_and_recovers(ray_cluster, config, transport: str) -> None:
+    fast = parse_config({**config.model_dump(), "step_timeout_s": 30, "transport": transport})
     actor = start_coordinator(fast)
     try:
         member = ray.get(actor.member_actor.remote("gemma3"))

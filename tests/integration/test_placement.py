@@ -23,10 +23,17 @@ def findings() -> dict:
     return json.loads(line.removeprefix("FINDINGS "))
 
 
-def test_strict_spread_puts_each_member_on_its_own_node_and_gpu(findings: dict) -> None:
-    nodes = findings["strict_spread"]
+@pytest.mark.parametrize("transport", ["compiled_graph", "actor_calls"])
+def test_strict_spread_puts_each_member_on_its_own_node_and_gpu(findings: dict, transport: str) -> None:
+    nodes = {k: v for k, v in findings[f"strict_spread_{transport}"].items() if k != "text"}
     assert len({n["node_id"] for n in nodes.values()}) == 3
     assert all(n["cuda_visible_devices"] == "0" for n in nodes.values())
+
+
+@pytest.mark.parametrize("transport", ["compiled_graph", "actor_calls"])
+def test_members_on_three_nodes_give_the_in_process_text(findings: dict, transport: str) -> None:
+    text = findings[f"strict_spread_{transport}"]["text"]
+    assert text and text == findings["in_process_text"]
 
 
 def test_pack_puts_fractional_members_on_one_node(findings: dict) -> None:
