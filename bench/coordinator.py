@@ -2,6 +2,7 @@
 
     python -m bench.coordinator [--tokens 32] [--threads 1] [--address ADDR]
     python -m bench.coordinator --gpu-share 0.5     # both members on one GPU (one GPU machine)
+    python -m bench.coordinator --transports compiled_graph,actor_calls   # overhead of each, side by side
 
 Figures (issue 4):
 - coordination overhead at batch 1: ensemble step latency seen by the caller ÷ the slowest
@@ -113,6 +114,12 @@ def main() -> None:
         type=float,
         help="run the members on GPUs, each taking this share of one (0.5: both members share one GPU)",
     )
+    parser.add_argument(
+        "--transports",
+        default="compiled_graph",
+        help="comma-separated member transports to measure the overhead of, one after the other (the first also "
+        "gives the throughput figures)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     connect(args.address)
@@ -123,25 +130,39 @@ def main() -> None:
             member["num_gpus"] = args.gpu_share
     if args.gpu_share is not None:
         base["device"] = "cuda"
-    config = parse_config({**base, "max_batch": 16})
-    coordinator = start_coordinator(config)
-    figures: dict[str, Any] = {}
-    try:
-        for strategy in ("mean", "deepen"):
-            figures[f"overhead_{strategy}"] = overhead(coordinator, strategy, args.tokens)
-        for strategy in ("mean", "me"):
-            for concurrency in (1, 4, 16):
-                figures[f"{strategy}_c{concurrency}_tokens_per_s"] = throughput(coordinator, strategy, concurrency, args.tokens)
-    finally:
-        ray.get(coordinator.shutdown.remote())
+    transports = args.transports.split(",")
+    figures: dict[str, Any] = {"transports": transports}
+    # The first transport also gives the throughput figures; each further one only its overhead.
+    for index, transport in enumerate(transports):
+        coordinator = start_coordinator(parse_config({**base, "max_batch": 16, "transport": transport}))
+        suffix = "" if index == 0 else f"_{transport}"
+        try:
+            for strategy in ("mean", "deepen"):
+                figures[f"overhead_{strategy}{suffix}"] = overhead(coordinator, strategy, args.tokens)
+            if index == 0:
+                for strategy in ("mean", "me"):
+                    for concurrency in (1, 4, 16):
+                        figures[f"{strategy}_c{concurrency}_tokens_per_s"] = throughput(
+                            coordinator, strategy, concurrency, args.tokens
+                        )
+        finally:
+            ray.get(coordinator.shutdown.remote())
+            ray.kill(coordinator)
     print(json.dumps(figures, indent=2))
+    for index, transport in enumerate(transports):
+        suffix = "" if index == 0 else f"_{transport}"
+        for strategy in ("mean", "deepen"):
+            o = figures[f"overhead_{strategy}{suffix}"]
+            print(f"{transport} {strategy}: ensemble step {o['ensemble_step_ms']:.1f} ms / slowest member step "
+                  f"{o['slowest_member_step_ms']:.1f} ms = {o['ratio']:.3f} (target ≤ 1.05); "
+                  f"counting the inverse search {o['ratio_counting_invert']:.3f}; ÷ each step's slowest member "
+                  f"(+ inverse search) {o['ratio_per_step_critical']:.3f}; loop step {o['loop_step_ms']:.1f} ms, "
+                  f"fusion {o['fusion_ms']:.2f} ms")
     for strategy in ("mean", "deepen"):
-        o = figures[f"overhead_{strategy}"]
-        print(f"{strategy}: ensemble step {o['ensemble_step_ms']:.1f} ms / slowest member step "
-              f"{o['slowest_member_step_ms']:.1f} ms = {o['ratio']:.3f} (target ≤ 1.05); "
-              f"counting the inverse search {o['ratio_counting_invert']:.3f}; ÷ each step's slowest member "
-              f"(+ inverse search) {o['ratio_per_step_critical']:.3f}; loop step {o['loop_step_ms']:.1f} ms, "
-              f"fusion {o['fusion_ms']:.2f} ms")
+        for transport in transports[1:]:
+            other = figures[f"overhead_{strategy}_{transport}"]["ensemble_step_ms"]
+            print(f"{strategy}: {transports[0]} step ÷ {transport} step = "
+                  f"{figures[f'overhead_{strategy}']['ensemble_step_ms'] / other:.3f}")
     scale = figures["mean_c16_tokens_per_s"] / figures["mean_c1_tokens_per_s"]
     me_over_mean = figures["me_c16_tokens_per_s"] / figures["mean_c16_tokens_per_s"]
     print(f"mean tokens/s at 16 ÷ at 1 = {scale:.2f} (target ≥ 3)")
