@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
-from actors.executors import make_executor
+from actors.executors import make_executor, resolve_transport
 from actors.member import MemberActor, MemberCall
 from actors.metrics import EnsembleMetrics
 from actors.placement import Placement, from_current_group, reserve
@@ -70,7 +70,8 @@ class Coordinator:
         self.placement: Placement = from_current_group(config) if in_serve_replica else reserve(config, placement_timeout_s)
         self.actors = {m.name: self._start_member(m.name) for m in config.members}
         infos: list[MemberInfo] = self._get([a.describe.remote() for a in self.actors.values()], 600.0)
-        self.executor = make_executor(config.transport, self.actors, config.step_timeout_s)
+        self.transport = resolve_transport(config.transport, self.placement.gpus)
+        self.executor = make_executor(self.transport, self.actors, config.step_timeout_s)
         self.core = EnsembleCore(config, infos, self.executor)
         self._init_anchors(list(self.actors))
         if config.strategy != "vote":
@@ -306,7 +307,12 @@ class Coordinator:
         return dict(zip(names, nodes, strict=True))
 
     async def health(self) -> dict[str, Any]:
-        return {"members": await self.member_stats(), "waiting": len(self.core.waiting), "running": len(self.core.running)}
+        return {
+            "members": await self.member_stats(),
+            "waiting": len(self.core.waiting),
+            "running": len(self.core.running),
+            "transport": self.transport,
+        }
 
     def step_profile(self) -> dict[str, Any]:
         """Where each step since the last call spent its time, one record a step (benchmarks); starts afresh."""

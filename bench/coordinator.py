@@ -2,7 +2,7 @@
 
     python -m bench.coordinator [--tokens 32] [--threads 1] [--address ADDR]
     python -m bench.coordinator --gpu-share 0.5     # both members on one GPU (one GPU machine)
-    python -m bench.coordinator --transports compiled_graph,actor_calls   # overhead of each, side by side
+    python -m bench.coordinator --transports auto   # one transport only (default: both, side by side)
 
 Figures (issue 4):
 - coordination overhead at batch 1: ensemble step latency seen by the caller ÷ the slowest
@@ -116,7 +116,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--transports",
-        default="compiled_graph",
+        default="compiled_graph,actor_calls",
         help="comma-separated member transports to measure the overhead of, one after the other (the first also "
         "gives the throughput figures)",
     )

@@ -127,11 +127,14 @@ class EnsembleConfig(BaseModel):
     max_queue: int = Field(default=64, ge=1, description="Admission queue bound; beyond it requests fail with 429.")
     max_batch: int = Field(default=16, ge=1, description="Most sequences stepped together.")
     step_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one remote member step.")
-    transport: Literal["compiled_graph", "actor_calls"] = Field(
-        default="compiled_graph",
+    transport: Literal["auto", "compiled_graph", "actor_calls"] = Field(
+        default="auto",
         description=(
-            "How the coordinator reaches its members each step: a Ray compiled graph (shared-memory "
-            "channels, ~0.4 ms a round) or plain actor calls (~2 ms a round, no background thread in the members)."
+            "How the coordinator reaches its members each step. compiled_graph: a Ray compiled graph "
+            "(shared-memory channels, ~0.4 ms a round, but each member and the coordinator keep one "
+            "thread spinning on its channel, ~0.7 of a core each even when idle); actor_calls: plain "
+            "actor calls (~2 ms a round, nothing spins); auto: compiled_graph when members run on GPUs "
+            "(their host cores are spare), actor_calls on CPUs (the spin would take the members' cores)."
         ),
     )
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Ray Serve settings.")

@@ -2,7 +2,8 @@
 
 The application here has API keys (given to the replica through its runtime_env,
 as a Kubernetes Secret would through the pod's env), a one-sequence batch and a
-one-request queue, so a handful of concurrent requests overload it.
+one-request queue, so a handful of concurrent requests overload it, and reaches
+its members through the compiled graph.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def base_url(serve_http: ServeHttp) -> Iterator[str]:
     from deploy.app import ensemble_app
     from runtime.config import parse_config
 
-    config = parse_config(tiny_config(max_queue=1, max_batch=1))
+    # The compiled graph, which `auto` picks only on GPUs: its member loss must reach HTTP clients too.
+    config = parse_config(tiny_config(max_queue=1, max_batch=1, transport="compiled_graph"))
     env = {"env_vars": {"CONSORT_API_KEYS": ",".join(KEYS)}}
     deploy(ensemble_app(config, ray_actor_options={"runtime_env": env}), APP, PREFIX)
     yield serve_http.url(PREFIX)
