@@ -147,6 +147,11 @@ class CompiledGraphExecutor(MemberExecutor):
         except TimeoutError as error:
             self._drop()
             slow = await self._find_slow()
+            if slow is None:
+                raise ConsortError(
+                    f"the members' compiled graph gave no answer within {self.timeout_s:g} s, though no member "
+                    "is busy or lost; it is compiled afresh for the next step"
+                ) from error
             raise MemberLost(slow, f"no answer within {self.timeout_s:g} s") from error
         except Exception as error:  # a channel closed, an actor died: which one, only asking tells
             self._drop()
@@ -187,7 +192,7 @@ class CompiledGraphExecutor(MemberExecutor):
         self.lost.update(lost)
         return lost
 
-    async def _find_slow(self) -> str:
+    async def _find_slow(self) -> str | None:
         """The member still inside its call (the one to blame for a timeout), else the first lost one."""
         for name in self.names:
             try:
@@ -199,10 +204,7 @@ class CompiledGraphExecutor(MemberExecutor):
                 self.lost.add(name)
                 return name
         lost = await self._find_lost()
-        if lost:
-            return lost[0]
-        self.lost.update(self.names)
-        return self.names[0]
+        return lost[0] if lost else None
 
     async def release(self, seq_ids: Mapping[str, list[str]]) -> None:
         if not self.lost:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from typing import Any
 
@@ -160,6 +162,38 @@ def test_a_killed_member_fails_requests_fast_and_recovers(ray_cluster, config, t
             raise AssertionError("the request finished although a member died")
 
         assert run(kill_mid_generation()) < 10
+        text, finish, _ = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy="mean")))
+        assert finish == "length" and text
+    finally:
+        ray.get(actor.shutdown.remote())
+        ray.kill(actor)
+
+
+@pytest.mark.parametrize("transport", ["compiled_graph", "actor_calls"])
+def test_a_frozen_member_times_out_as_lost_and_recovers(ray_cluster, config, transport: str) -> None:
+    impatient = parse_config({**config.model_dump(), "step_timeout_s": 3, "transport": transport})
+    actor = start_coordinator(impatient)
+    try:
+        member = ray.get(actor.member_actor.remote("gemma3"))
+        pid = ray.get(member.pid.remote())
+        long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+        async def freeze_mid_generation() -> float:
+            seen, frozen_at = 0, 0.0
+            try:
+                async for _delta in stream(actor, PROMPTS[0], long, RequestOptions(strategy="mean")):
+                    seen += 1
+                    if seen == 3:
+                        os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing: only the timeout can tell
+                        frozen_at = time.time()
+            except MemberLost as error:
+                assert "gemma3" in str(error) and "no answer within 3 s" in str(error)
+                return time.time() - frozen_at
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            raise AssertionError("the request finished although a member was frozen")
+
+        assert run(freeze_mid_generation()) < 15
         text, finish, _ = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy="mean")))
         assert finish == "length" and text
     finally:
