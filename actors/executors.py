@@ -12,6 +12,7 @@ read: ~0.4 ms a round on a 2-core machine, against ~2 ms; its readers spin, so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -28,6 +29,11 @@ from runtime.worker import InvertWork, SeqWork
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0  # how long a member may take to say whether it is alive after a failed round
+WATCH_S = 0.5  # how often a compiled-graph round in progress checks that the graph is still whole
+
+
+class GraphFailed(RuntimeError):
+    """The compiled graph broke down under a round (a member's graph task ended)."""
 
 
 class MemberExecutor:
@@ -140,8 +146,7 @@ class CompiledGraphExecutor(MemberExecutor):
             self._graph = self._compile()
         started = time.perf_counter()
         try:
-            futures = await self._graph.execute_async(*(calls.get(name) for name in self.names))
-            answers: list[MemberAnswer] = await asyncio.wait_for(asyncio.gather(*futures), timeout=self.timeout_s)
+            answers = await self._execute([calls.get(name) for name in self.names])
         except RayTaskError:
             raise  # the member's own error (the graph goes on): the step fails, not the member
         except TimeoutError as error:
@@ -166,6 +171,30 @@ class CompiledGraphExecutor(MemberExecutor):
                 self._account(name, answer)
                 out[name] = (answer, seconds)
         return out
+
+    async def _execute(self, calls: list[MemberCall | None]) -> list[MemberAnswer]:
+        """One execution, watched: a member's death ends Ray's monitor thread of the graph, but does
+        not always reach the awaiting future (Ray's teardown cancels the reader task from another
+        thread), so the wait checks the monitor every WATCH_S instead of waiting out the timeout."""
+        graph = self._graph
+        deadline = time.monotonic() + self.timeout_s
+        futures = await asyncio.wait_for(graph.execute_async(*calls), timeout=self.timeout_s)
+        answers = asyncio.ensure_future(asyncio.gather(*futures))
+        try:
+            while True:
+                done, _ = await asyncio.wait({answers}, timeout=min(WATCH_S, max(0.0, deadline - time.monotonic())))
+                if done:
+                    return list(answers.result())
+                monitor = getattr(graph, "_monitor", None)  # Ray's thread that tears the graph down on a failure
+                if monitor is not None and not monitor.is_alive():
+                    raise GraphFailed("a member's compiled-graph task ended")
+                if time.monotonic() >= deadline:
+                    raise TimeoutError
+        finally:
+            if not answers.done():
+                answers.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await answers  # collected, so asyncio does not report it as never retrieved
 
     def _drop(self) -> None:
         self._failed, self._graph = self._graph, None
