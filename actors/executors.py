@@ -175,7 +175,8 @@ class CompiledGraphExecutor(MemberExecutor):
     async def _execute(self, calls: list[MemberCall | None]) -> list[MemberAnswer]:
         """One execution, watched: a member's death ends Ray's monitor thread of the graph, but does
         not always reach the awaiting future (Ray's teardown cancels the reader task from another
-        thread), so the wait checks the monitor every WATCH_S instead of waiting out the timeout."""
+        thread), so every WATCH_S the wait checks the monitor and asks Ray whether a member died,
+        instead of waiting out the timeout."""
         graph = self._graph
         deadline = time.monotonic() + self.timeout_s
         futures = await asyncio.wait_for(graph.execute_async(*calls), timeout=self.timeout_s)
@@ -188,6 +189,8 @@ class CompiledGraphExecutor(MemberExecutor):
                 monitor = getattr(graph, "_monitor", None)  # Ray's thread that tears the graph down on a failure
                 if monitor is not None and not monitor.is_alive():
                     raise GraphFailed("a member's compiled-graph task ended")
+                if await self._any_dead():
+                    raise GraphFailed("a member died under the round")
                 if time.monotonic() >= deadline:
                     raise TimeoutError
         finally:
@@ -195,6 +198,21 @@ class CompiledGraphExecutor(MemberExecutor):
                 answers.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await answers  # collected, so asyncio does not report it as never retrieved
+
+    async def _any_dead(self) -> bool:
+        """Whether Ray says a member died or restarted. A member too busy to answer in time is not
+        dead: only the step timeout may call it lost (its `pid` runs beside the graph's thread)."""
+        probes = {name: self.actors[name].pid.remote() for name in self.names}
+        for name, probe in probes.items():
+            try:
+                pid = await asyncio.wait_for(probe, timeout=WATCH_S)
+            except RayActorError:
+                return True
+            except TimeoutError:
+                continue
+            if pid != self._pids.get(name):
+                return True
+        return False
 
     def _drop(self) -> None:
         self._failed, self._graph = self._graph, None

@@ -32,9 +32,22 @@ class _SilentGraph:
         return [loop.create_future() for _ in calls]
 
 
+class _LiveMember:
+    """A member that answers `pid` like a live actor (the same process as when the graph was compiled)."""
+
+    class _Method:
+        def remote(self) -> asyncio.Future[int]:
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(7)
+            return future
+
+    pid = _Method()
+
+
 def _executor(graph: _SilentGraph, timeout_s: float) -> CompiledGraphExecutor:
-    executor = CompiledGraphExecutor({"a": None, "b": None}, timeout_s)
+    executor = CompiledGraphExecutor({"a": _LiveMember(), "b": _LiveMember()}, timeout_s)
     executor._graph = graph
+    executor._pids = {"a": 7, "b": 7}
     return executor
 
 
