@@ -139,66 +139,63 @@ def test_both_transports_give_the_same_text(coordinator, config) -> None:
         ray.kill(graph)
 
 
-@pytest.mark.parametrize("transport", ["compiled_graph", "actor_calls"])
-def test_a_killed_member_fails_requests_fast_and_recovers(ray_cluster, config, transport: str) -> None:
-    fast = parse_config({**config.model_dump(), "step_timeout_s": 30, "transport": transport})
-    actor = start_coordinator(fast)
+def _fault_mid_generation(config, transport: str, step_timeout_s: float, fault: Any, heal: Any = None) -> MemberLost:
+    """Start an ensemble, apply `fault` to member gemma3's actor at the third delta of a long request,
+    and return the MemberLost that request ends with (its seconds after the fault in `.after_s`);
+    then `heal`, and check a new request succeeds."""
+    raw = {**config.model_dump(), "step_timeout_s": step_timeout_s, "transport": transport}
+    actor = start_coordinator(parse_config(raw))
     try:
         member = ray.get(actor.member_actor.remote("gemma3"))
         long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
 
-        async def kill_mid_generation() -> float:
-            seen = 0
-            killed_at = 0.0
+        async def generate_through_the_fault() -> MemberLost:
+            seen, faulted_at = 0, 0.0
             try:
                 async for _delta in stream(actor, PROMPTS[0], long, RequestOptions(strategy="mean")):
                     seen += 1
                     if seen == 3:
-                        ray.kill(member, no_restart=False)
-                        killed_at = time.time()
+                        fault(member)
+                        faulted_at = time.time()
             except MemberLost as error:
-                assert "gemma3" in str(error)
-                return time.time() - killed_at
-            raise AssertionError("the request finished although a member died")
+                error.after_s = time.time() - faulted_at  # type: ignore[attr-defined]
+                return error
+            finally:
+                if heal is not None:
+                    heal(member)
+            raise AssertionError("the request finished although a member failed")
 
-        assert run(kill_mid_generation()) < 10
+        lost = run(generate_through_the_fault())
         text, finish, _ = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy="mean")))
         assert finish == "length" and text
+        return lost
     finally:
         ray.get(actor.shutdown.remote())
         ray.kill(actor)
+
+
+@pytest.mark.parametrize("transport", ["compiled_graph", "actor_calls"])
+def test_a_killed_member_fails_requests_fast_and_recovers(ray_cluster, config, transport: str) -> None:
+    lost = _fault_mid_generation(config, transport, 30, lambda member: ray.kill(member, no_restart=False))
+    assert "gemma3" in str(lost) and lost.after_s < 10  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("transport", ["compiled_graph", "actor_calls"])
 def test_a_frozen_member_times_out_as_lost_and_recovers(ray_cluster, config, transport: str) -> None:
-    impatient = parse_config({**config.model_dump(), "step_timeout_s": 3, "transport": transport})
-    actor = start_coordinator(impatient)
-    try:
-        member = ray.get(actor.member_actor.remote("gemma3"))
-        pid = ray.get(member.pid.remote())
-        long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    # SIGSTOP: alive, but answers nothing; only the step timeout can tell.
+    pids: list[int] = []
 
-        async def freeze_mid_generation() -> float:
-            seen, frozen_at = 0, 0.0
-            try:
-                async for _delta in stream(actor, PROMPTS[0], long, RequestOptions(strategy="mean")):
-                    seen += 1
-                    if seen == 3:
-                        os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing: only the timeout can tell
-                        frozen_at = time.time()
-            except MemberLost as error:
-                assert "gemma3" in str(error) and "no answer within 3 s" in str(error)
-                return time.time() - frozen_at
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            raise AssertionError("the request finished although a member was frozen")
+    def freeze(member: Any) -> None:
+        pids.append(ray.get(member.pid.remote()))
+        os.kill(pids[0], signal.SIGSTOP)
 
-        assert run(freeze_mid_generation()) < 15
-        text, finish, _ = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy="mean")))
-        assert finish == "length" and text
-    finally:
-        ray.get(actor.shutdown.remote())
-        ray.kill(actor)
+    def thaw(member: Any) -> None:
+        if pids:
+            os.kill(pids[0], signal.SIGCONT)
+
+    lost = _fault_mid_generation(config, transport, 3, freeze, heal=thaw)
+    assert "gemma3" in str(lost) and "no answer within 3 s" in str(lost)
+    assert lost.after_s < 15  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow
