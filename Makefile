@@ -29,8 +29,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-$(VENV)/.prepared: $(VENV)/.installed runtime/models.py
+# The packaged models, converted once; then the tiny random-weight models that the tests and
+# deploy/serve_config_tiny.yaml load as `tiny:<alias>` (the test sessions also rebuild them if stale).
+$(VENV)/.prepared: $(VENV)/.installed runtime/models.py runtime/testing/tiny.py
 	$(VENV)/bin/consort prepare
+	$(VENV)/bin/consort prepare tiny:smollm2-135m-instruct tiny:gemma3-270m
 	touch $@
 
 prepare: $(VENV)/.prepared
@@ -39,15 +42,15 @@ serve: prepare
 	$(VENV)/bin/consort serve $(if $(CONFIG),--config $(CONFIG))
 
 test: prepare
-	$(VENV)/bin/ruff check runtime actors deploy bench tests
+	$(VENV)/bin/ruff check consort runtime actors deploy bench tests
 	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: prepare
 	$(PY) -m pytest -q -m "not slow" tests/unit
 
 lint: install
-	$(VENV)/bin/ruff check runtime actors deploy bench tests
-	$(VENV)/bin/ruff format --check runtime actors deploy bench tests
+	$(VENV)/bin/ruff check consort runtime actors deploy bench tests
+	$(VENV)/bin/ruff format --check consort runtime actors deploy bench tests
 
 clean:
 	rm -rf $(VENV)

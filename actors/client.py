@@ -1,21 +1,19 @@
-"""Talking to a coordinator actor from a driver: the CLI's cluster mode and the jobs."""
+"""Talking to a coordinator actor from a driver: the command line's cluster mode, jobs, benchmarks."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
 from ray.exceptions import RayTaskError
 
-from runtime.config import EnsembleConfig
-from runtime.core import Delta, RequestOptions
-from runtime.errors import ConsortError
-from runtime.prompts import Prompt
-from runtime.sampling import SamplingParams
+from consort.runtime.config import EnsembleConfig
+from consort.runtime.errors import ConsortError
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import Completion, Delta, RequestOptions
 
 
 def connect(address: str | None, min_cpus: float = 0.0) -> None:
@@ -43,7 +41,7 @@ def unwrap(error: RayTaskError) -> BaseException:
 
 
 def start_coordinator(config: EnsembleConfig, **options: Any) -> Any:
-    from actors.coordinator import CoordinatorActor
+    from consort.actors.coordinator import CoordinatorActor
 
     actor = CoordinatorActor.options(**options).remote(config)
     ray.get(actor.__ray_ready__.remote())
@@ -63,58 +61,11 @@ async def stream(
 
 async def complete(
     coordinator: Any, prompt: Prompt, params: SamplingParams, options: RequestOptions | None = None
-) -> tuple[str, str | None, list[Delta]]:
-    text, finish, deltas = "", None, []
+) -> Completion:
+    completion = Completion()
     async for delta in stream(coordinator, prompt, params, options):
-        text += delta.text
-        finish = delta.finish_reason
-        deltas.append(delta)
-    return text, finish, deltas
+        completion.add(delta)
+    return completion
 
 
-def generate_on_cluster(
-    config: EnsembleConfig,
-    prompt: Prompt,
-    params: SamplingParams,
-    options: RequestOptions,
-    *,
-    address: str | None,
-    as_json: bool,
-) -> int:
-    connect(address, min_cpus=sum(m.num_cpus for m in config.members))
-    coordinator = start_coordinator(config)
-
-    async def run() -> tuple[str, str | None, list[Delta]]:
-        if as_json:
-            return await complete(coordinator, prompt, params, options)
-        text, finish = "", None
-        async for delta in stream(coordinator, prompt, params, options):
-            print(delta.text, end="", flush=True)
-            text += delta.text
-            finish = delta.finish_reason
-        print()
-        return text, finish, []
-
-    try:
-        text, finish, deltas = asyncio.run(run())
-    finally:
-        ray.get(coordinator.shutdown.remote())
-        ray.kill(coordinator)
-    if as_json:
-        from runtime.cli import _print_json
-
-        steps = [d for delta in deltas for d in delta.diagnostics]
-        last = deltas[-1] if deltas else None
-        _print_json(
-            config,
-            text,
-            finish or "",
-            last.prompt_tokens if last else 0,
-            last.completion_tokens if last else 0,
-            steps,
-        )
-    sys.stdout.flush()
-    return 0
-
-
-__all__ = ["complete", "connect", "generate_on_cluster", "start_coordinator", "stream", "unwrap"]
+__all__ = ["complete", "connect", "start_coordinator", "stream", "unwrap"]

@@ -20,15 +20,17 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
-from actors.executors import make_executor, resolve_transport
-from actors.member import MemberActor, MemberCall
-from actors.metrics import EnsembleMetrics
-from actors.placement import Placement, from_current_group, reserve
-from runtime.config import EnsembleConfig
-from runtime.core import Delta, EnsembleCore, MemberInfo, RequestOptions, StepStats, TokenLogprob
-from runtime.errors import ConsortError, MemberLost, Overloaded
-from runtime.prompts import Prompt
-from runtime.sampling import SamplingParams
+from consort.actors.executors import make_executor, resolve_transport
+from consort.actors.member import MemberActor
+from consort.actors.metrics import EnsembleMetrics
+from consort.actors.placement import Placement, from_current_group, reserve
+from consort.runtime.config import EnsembleConfig
+from consort.runtime.core import EnsembleCore, StepStats
+from consort.runtime.errors import ConsortError, MemberLost, Overloaded
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.scoring import add_scoring
+from consort.runtime.types import Delta, MemberInfo, RequestOptions, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +166,12 @@ class Coordinator:
         """Log-probability of each piece of `continuation` (main member's tokens) after `context`, under the ensemble."""
         self._ensure_loop()
         self._check_capacity()
-        seq_id = self.core.add_scoring(context, continuation, options)
+        seq_id = add_scoring(self.core, context, continuation, options)
         return [lp async for delta in self._follow(seq_id, timed=False) for lp in delta.logprobs]
+
+    def room(self, prompt: Prompt) -> int:
+        """Tokens every member's context leaves after `prompt` (the default chat max_tokens)."""
+        return self.core.room(prompt)
 
     async def prompt_logprobs(self, prompt_text: str, options: RequestOptions | None = None) -> list[TokenLogprob | None]:
         """`echo` + `logprobs`: the prompt's tokens with their log-probs under the ensemble (the first has none)."""
@@ -223,6 +229,13 @@ class Coordinator:
                 except Exception as error:  # this loop serves every request: it must not die
                     log.exception("ensemble loop iteration failed")
                     self._fail_running(error, waiting_too=True)
+            await self._release_if_idle()
+
+    async def _release_if_idle(self) -> None:
+        try:
+            await self.core.release_if_idle()
+        except MemberLost as error:
+            log.warning("while freeing finished sequences: %s", error)
 
     async def _abort(self, seq_ids: set[str]) -> None:
         try:
@@ -257,28 +270,13 @@ class Coordinator:
                 queue.put_nowait(delta)
 
     def _fail_running(self, error: BaseException, *, waiting_too: bool = False) -> None:
-        failed = list(self.core.running)
-        self.core.running.clear()
-        if waiting_too:
-            failed += [s.seq_id for s in self.core.waiting]
-            self.core.waiting.clear()
+        """Fail the requests a broken step held (and the waiting ones): each caller gets `error`."""
         kind = "member_lost" if isinstance(error, MemberLost) else "internal"
-        # A vote's answers are children of the request the caller waits on.
-        callers = dict.fromkeys(self.core._parent_of.get(seq_id, seq_id) for seq_id in failed)
-        for caller in callers:
+        for caller in self.core.fail(waiting_too=waiting_too):
             self.metrics.errors.inc(tags=self.metrics.tagged(type=kind))
-            group = self.core.groups.pop(caller, None)
-            if group is not None:
-                for child in group.children:
-                    self.core._parent_of.pop(child, None)
-                failed += [c for c in group.children if c not in failed]
-                self.core.waiting = type(self.core.waiting)(s for s in self.core.waiting if s.seq_id not in group.children)
             queue = self._queues.get(caller)
             if queue is not None:
                 queue.put_nowait(error)
-        live = [n for n in self.actors if n not in self.executor.lost]
-        for name in live:
-            self.actors[name].call.remote(MemberCall(release=failed))
 
     def _record(self, deltas: list[Delta]) -> None:
         stats = self.core.last_stats

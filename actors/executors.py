@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
-from actors.member import MemberAnswer, MemberCall
-from runtime.core import MemberReply
-from runtime.errors import ConsortError, MemberLost
-from runtime.worker import InvertWork, SeqWork
+from consort.actors.member import MemberAnswer, MemberCall
+from consort.runtime.errors import ConsortError, MemberLost
+from consort.runtime.types import InvertWork, MemberReply, SeqWork
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,13 @@ class MemberExecutor:
     async def _round(self, calls: Mapping[str, MemberCall]) -> dict[str, tuple[MemberAnswer, float]]:
         raise NotImplementedError
 
-    async def step(self, works: Mapping[str, list[SeqWork]]) -> dict[str, MemberReply]:
-        answers = await self._round({member: MemberCall(step=w) for member, w in works.items()})
+    async def step(
+        self, works: Mapping[str, list[SeqWork]], release: Mapping[str, list[str]] | None = None
+    ) -> dict[str, MemberReply]:
+        release = release or {}
+        answers = await self._round(
+            {member: MemberCall(step=w, release=list(release.get(member, ()))) for member, w in works.items()}
+        )
         replies = {}
         for member, (answer, seconds) in answers.items():
             assert answer.results is not None

@@ -13,10 +13,9 @@ import numpy as np
 import ray
 import torch
 
-from runtime.config import EnsembleConfig
-from runtime.core import MemberInfo
-from runtime.loop import load_worker, member_info, resolve_dtype
-from runtime.worker import InvertWork, SeqResult, SeqWork
+from consort.runtime.config import EnsembleConfig
+from consort.runtime.loop import load_worker, member_info, resolve_dtype
+from consort.runtime.types import InvertWork, MemberInfo, SeqResult, SeqWork
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from runtime.config import EnsembleConfig, MemberConfig
-from runtime.errors import ConsortError
+from consort.runtime.config import EnsembleConfig, MemberConfig
+from consort.runtime.errors import ConsortError
 
 STRATEGY = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
 MODEL_SLOT = "model_slot"  # custom resource on GPU worker pods (KubeRay), one per GPU

@@ -22,19 +22,19 @@ from typing import Any
 
 import ray
 
-from actors.client import complete, connect, start_coordinator
 from bench.common import PROMPTS
-from runtime.config import default_config, parse_config
-from runtime.core import RequestOptions
-from runtime.prompts import Prompt
-from runtime.sampling import SamplingParams
+from consort.actors.client import complete, connect, start_coordinator
+from consort.runtime.config import default_config, parse_config
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import RequestOptions
 
 
 async def one_stream(
     coordinator: Any, prompt: Prompt, params: SamplingParams, options: RequestOptions
 ) -> list[float]:
     """Arrival times of each delta of one request."""
-    from actors.client import stream
+    from consort.actors.client import stream
 
     times = []
     async for _ in stream(coordinator, prompt, params, options):

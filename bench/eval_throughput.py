@@ -2,9 +2,10 @@
 
     python -m bench.eval_throughput --tasks arc_easy,triviaqa --n 16 --json docs/eval_throughput.json
 
-Multiple choice: members alone by the echo fast path, mean and deepen by the
-core's teacher-forced scoring (me is scored as mean; vote on log-likelihoods
-costs nothing beyond the members). Generation: each system generates alone.
+Multiple choice: members alone by the echo fast path, each distinct scoring
+distribution of the registered strategies (mean, deepen) by the core's
+teacher-forced scoring (me is scored as mean; vote on log-likelihoods costs
+nothing beyond the members). Generation: each system generates alone.
 Timings include batching (max_batch sequences per step), not model loading.
 """
 
@@ -17,12 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploy.jobs.eval_backends import LocalBackend
-from runtime.config import default_config, load_config, parse_config
-from runtime.core import RequestOptions
-from runtime.sampling import SamplingParams
-from runtime.scoring import GenerationRequest, LoglikRequest, member_alone
-from runtime.tasks import GenerationQuestion, MultipleChoiceQuestion, get_task, load_task
+from consort.runtime import fusion
+from consort.runtime.config import default_config, load_config, parse_config
+from consort.runtime.evaluation import GenerationQuestion, MultipleChoiceQuestion, get_task, load_task
+from consort.runtime.evaluation.backend import LocalBackend
+from consort.runtime.evaluation.batches import GenerationRequest, member_alone
+from consort.runtime.evaluation.logliks import LoglikRequest
+from consort.runtime.evaluation.questions import scoring_strategies
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import RequestOptions
 
 
 async def measure(backend: LocalBackend, task: str, n: int) -> dict[str, float]:
@@ -40,17 +44,18 @@ async def measure(backend: LocalBackend, task: str, n: int) -> dict[str, float]:
             started = time.perf_counter()
             await backend.member_logliks(name, requests)
             rates[f"{name} alone"] = len(questions) / (time.perf_counter() - started) * 60
-        for strategy in ("mean", "deepen"):
+        # One pass per distinct scoring distribution (me is scored as mean: no pass of its own).
+        for strategy in scoring_strategies(fusion.names()):
             started = time.perf_counter()
             await backend.ensemble_logliks(requests, [RequestOptions(strategy=strategy)])
             rates[strategy] = len(questions) / (time.perf_counter() - started) * 60
         return rates
     systems: list[tuple[str, RequestOptions]] = [(f"{n} alone", member_alone(names, n)) for n in names]
-    systems += [(s, RequestOptions(strategy=s)) for s in ("mean", "deepen", "me")]
-    for label, options in [*systems, ("vote", RequestOptions(strategy="vote"))]:
-        gen = [q for q in questions if isinstance(q, GenerationQuestion)]
-        if label == "vote":
-            options = RequestOptions(strategy="vote", vote_kind=gen[0].answer_kind)
+    gen = [q for q in questions if isinstance(q, GenerationQuestion)]
+    systems += [(s, RequestOptions(strategy=s)) for s in fusion.names("token")]
+    # Answer-level strategies (vote) vote on the task's kind of answer.
+    systems += [(s, RequestOptions(strategy=s, vote_kind=gen[0].answer_kind)) for s in fusion.names("answer")]
+    for label, options in systems:
         requests = [
             GenerationRequest(
                 q.prompt,

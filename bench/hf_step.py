@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from runtime import models
-from runtime.loop import resolve_dtype
+from consort.runtime import models
+from consort.runtime.loop import resolve_dtype
 
 
 def _sync(device: str) -> None:
@@ -27,12 +27,12 @@ def _sync(device: str) -> None:
 @torch.no_grad()
 def step_ms(model: Any, input_ids: torch.Tensor, tokens: int, device: str) -> float:
     out = model(input_ids=input_ids, use_cache=True)
-    past, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, next_ids = out.cache, out.logits[:, -1:].argmax(-1)
     _sync(device)
     started = time.perf_counter()
     for _ in range(tokens):
-        out = model(input_ids=next_ids, past_key_values=past, use_cache=True)
-        past, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=next_ids, cache=past, use_cache=True)
+        past, next_ids = out.cache, out.logits[:, -1:].argmax(-1)
     _sync(device)
     return 1000 * (time.perf_counter() - started) / tokens
 

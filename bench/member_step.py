@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from runtime import models
-from runtime.member import MemberEngine
+from consort.runtime import models
+from consort.runtime.member import MemberEngine
 
 PROMPTS = [
     "The capital of France is",

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deploy.jobs.eval_report import bar_chart, markdown_table
+from consort.runtime.evaluation.report import bar_chart, markdown_table
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:

@@ -9,8 +9,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deploy.jobs.eval_report import PREDICTIONS, markdown_table, read_predictions, summarize, write_outputs
-from runtime.tasks import load_task
+from consort.runtime.evaluation import load_task
+from consort.runtime.evaluation.report import (
+    PREDICTIONS,
+    markdown_table,
+    read_predictions,
+    summarize,
+    write_outputs,
+)
 
 
 def main() -> None:

@@ -36,10 +36,11 @@ import httpx  # noqa: E402
 import ray  # noqa: E402
 
 from bench.common import PROMPTS, machine  # noqa: E402
-from runtime.config import EnsembleConfig, default_config, parse_config  # noqa: E402
-from runtime.core import RequestOptions  # noqa: E402
-from runtime.prompts import Prompt  # noqa: E402
-from runtime.sampling import SamplingParams  # noqa: E402
+from consort.runtime import models  # noqa: E402
+from consort.runtime.config import EnsembleConfig, default_config, parse_config  # noqa: E402
+from consort.runtime.prompts import Prompt  # noqa: E402
+from consort.runtime.sampling import SamplingParams  # noqa: E402
+from consort.runtime.types import RequestOptions  # noqa: E402
 
 TINY_MEMBERS = [
     {"name": "smollm2", "model": "tiny:smollm2-135m-instruct"},
@@ -68,7 +69,7 @@ def _sample(started: float, times: list[float], first_text: int) -> Sample:
 
 
 async def direct_stream(coordinator: Any, prompt: str, tokens: int) -> tuple[Sample, int]:
-    from actors.client import stream
+    from consort.actors.client import stream
 
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     started, times, first_text = time.perf_counter(), [], None
@@ -158,10 +159,13 @@ def main() -> None:
 
     from ray import serve
 
-    from actors.client import start_coordinator
-    from deploy.app import ensemble_app
+    from consort.actors.client import start_coordinator
+    from consort.deploy.app import ensemble_app
 
     config = ensemble(args.real, args.strategy)
+    for member in config.members:
+        if member.model.startswith(models.TINY_PREFIX):
+            models.prepare(member.model)  # the member actors load tiny models from the cache, saved here
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -13,11 +13,11 @@ import json
 import torch
 
 from bench.common import PROMPTS, best_of, machine, timed
-from runtime.config import default_config, parse_config
-from runtime.core import RequestOptions
-from runtime.loop import EnsembleLoop
-from runtime.prompts import Prompt
-from runtime.sampling import SamplingParams
+from consort.runtime.config import default_config, parse_config
+from consort.runtime.loop import EnsembleLoop
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import RequestOptions
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The Serve application: one deployment whose replica embeds a coordinator and owns its members.
 
 `build_app(args)` is a Serve application builder, so the same import path
-(`deploy.app:build_app`) works for `serve run deploy/serve_config.yaml`,
+(`consort.deploy.app:build_app`) works for `serve run deploy/serve_config.yaml`,
 `serve deploy`, a KubeRay RayService's serveConfigV2 and `consort serve`.
 
 One replica = one ensemble: the deployment declares a placement group of
@@ -25,14 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import ActorDiedError, RayActorError
 
-from deploy import errors
-from deploy.auth import ApiKeyMiddleware
-from deploy.errors import Unavailable
-from deploy.metrics import CONTENT_TYPE, MetricsMirror
-from deploy.openai_api import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
-from deploy.service import OpenAIService
-from runtime.config import EnsembleConfig, default_config, load_config, parse_config
-from runtime.errors import ConfigError
+from consort.deploy import errors
+from consort.deploy.auth import ApiKeyMiddleware
+from consort.deploy.errors import Unavailable
+from consort.deploy.metrics import CONTENT_TYPE, MetricsMirror
+from consort.deploy.openai_api import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
+from consort.deploy.service import OpenAIService
+from consort.runtime.config import EnsembleConfig, default_config, load_config, parse_config
+from consort.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class EnsembleServer:
     """A replica: the coordinator, its members (in this replica's placement group) and the OpenAI routes."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
-        from actors.coordinator import Coordinator
+        from consort.actors.coordinator import Coordinator
 
         self.config = parse_config(config)
         context = serve.get_replica_context()
@@ -184,7 +184,7 @@ def deployment_options(
     config: EnsembleConfig, autoscaling_overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The Serve options that make one replica one whole ensemble."""
-    from actors.placement import member_bundles
+    from consort.actors.placement import member_bundles
 
     scaling = config.serving.autoscaling
     autoscaling = {
@@ -213,7 +213,7 @@ def ensemble_app(
     """The application for `config` (extra ray_actor_options, e.g. a runtime_env, are merged in)."""
     if not ray.is_initialized():
         # Placement needs the cluster (GPUs or not); `serve run <import path>` builds before it connects.
-        from actors.client import connect
+        from consort.actors.client import connect
 
         connect(None)
     options = deployment_options(config, autoscaling_overrides)

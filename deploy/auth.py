@@ -15,7 +15,7 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from deploy.errors import Unauthorized, error_body
+from consort.deploy.errors import Unauthorized, error_body
 
 ENV_VAR = "CONSORT_API_KEYS"
 PROTECTED_PREFIX = "/v1/"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from deploy.errors import Unsupported
-from deploy.openai_api import (
+from consort.deploy.errors import Unsupported
+from consort.deploy.openai_api import (
     ChatCompletionRequest,
     ChatLogprobs,
     ChatMessageIn,
@@ -15,11 +15,11 @@ from deploy.openai_api import (
     EnsembleFields,
     TopLogprob,
 )
-from runtime.config import EnsembleConfig
-from runtime.core import RequestOptions, TokenLogprob
-from runtime.errors import InvalidRequest, ModelNotFound
-from runtime.prompts import ChatMessage, Prompt
-from runtime.sampling import SamplingParams
+from consort.runtime.config import EnsembleConfig
+from consort.runtime.errors import InvalidRequest, ModelNotFound
+from consort.runtime.prompts import ChatMessage, Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import RequestOptions, TokenLogprob
 
 EOS_TOKEN = ""  # how the core shows an end-of-sequence token: it is not text, so it is not reported
 

@@ -16,8 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.openai_api import ErrorDetail, ErrorResponse
-from runtime.errors import ConsortError, MemberLost, ModelNotFound, Overloaded, PromptTooLong
+from consort.deploy.openai_api import ErrorDetail, ErrorResponse
+from consort.runtime.errors import ConsortError, MemberLost, ModelNotFound, Overloaded, PromptTooLong
 
 log = logging.getLogger(__name__)
 

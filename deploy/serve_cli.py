@@ -8,8 +8,8 @@ import sys
 import time
 from types import FrameType
 
-from runtime.config import EnsembleConfig
-from runtime.errors import ConsortError
+from consort.runtime.config import EnsembleConfig
+from consort.runtime.errors import ConsortError
 
 APP_NAME = "consort"
 
@@ -32,7 +32,7 @@ def serve(
     import ray
     from ray import serve as ray_serve
 
-    from deploy.app import ensemble_app
+    from consort.deploy.app import ensemble_app
 
     started_ray = not ray.is_initialized() and not address
     if not ray.is_initialized():

@@ -15,9 +15,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deploy import convert
-from deploy.errors import Unsupported, sse_error
-from deploy.openai_api import (
+from consort.deploy import convert
+from consort.deploy.errors import Unsupported, sse_error
+from consort.deploy.openai_api import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -32,11 +32,11 @@ from deploy.openai_api import (
     ModelList,
     Usage,
 )
-from deploy.streams import Engine, Finished, Job, Primed, collect, merge, prime_all
-from runtime.config import EnsembleConfig
-from runtime.core import RequestOptions, TokenLogprob
-from runtime.errors import ConsortError, PromptTooLong
-from runtime.prompts import Prompt, prompt_ids
+from consort.deploy.streams import Engine, Job, Primed, collect, merge, prime_all
+from consort.runtime.config import EnsembleConfig
+from consort.runtime.errors import ConsortError
+from consort.runtime.prompts import Prompt
+from consort.runtime.types import Completion, RequestOptions, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +100,15 @@ class OpenAIService:
             return guarded(self._stream_completion(request, streams, rid, created, prompts, echoed))
         finished = await collect(streams)
         choices = []
-        for item in finished:
-            prompt_text = prompts[item.index // request.n].text or ""
+        for index, item in finished.items():
+            prompt_text = prompts[index // request.n].text or ""
             text = (prompt_text if request.echo else "") + item.text
             logprobs = None
             if request.logprobs is not None:
-                entries = (echoed[item.index // request.n] if echoed else []) + item.logprobs
+                entries = (echoed[index // request.n] if echoed else []) + item.logprobs
                 logprobs = convert.completion_logprobs(entries, 0)
             choices.append(
-                CompletionChoice(
-                    index=item.index, text=text, logprobs=logprobs, finish_reason=item.finish_reason
-                )
+                CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=item.finish_reason)
             )
         return CompletionResponse(
             id=rid, created=created, model=request.model, choices=choices, usage=_usage(finished, request.n)
@@ -120,11 +118,9 @@ class OpenAIService:
         """Prompt tokens with their log-probs, when log-probs are asked for with echo (None: text only)."""
         if options.logprobs is None:
             return None
-        prompt_logprobs = getattr(self.engine, "prompt_logprobs", None)
-        if prompt_logprobs is None:
-            raise Unsupported("echo is not supported with logprobs by this server", param="echo")
         return [
-            convert.echo_entries(p.text or "", await prompt_logprobs(p.text or "", options)) for p in prompts
+            convert.echo_entries(p.text or "", await self.engine.prompt_logprobs(p.text or "", options))
+            for p in prompts
         ]
 
     async def _stream_completion(
@@ -142,7 +138,7 @@ class OpenAIService:
             )
 
         offsets = {p.index: 0 for p in streams}
-        finished = {p.index: Finished(p.index) for p in streams}
+        finished = {p.index: Completion() for p in streams}
         if request.echo:
             for p in streams:
                 prompt_text = prompts[p.index // request.n].text or ""
@@ -151,7 +147,7 @@ class OpenAIService:
                 offsets[p.index] = len(prompt_text)
                 yield chunk([CompletionChoice(index=p.index, text=prompt_text, logprobs=logprobs)])
         async for index, delta in merge(streams):
-            _track(finished[index], delta)
+            finished[index].add(delta)
             if not delta.text and not delta.logprobs and delta.finish_reason is None:
                 continue  # text held back (a possible stop string, a split character): nothing to say yet
             logprobs: CompletionLogprobs | None = None
@@ -166,7 +162,7 @@ class OpenAIService:
                 ]
             )
         if request.stream_options and request.stream_options.include_usage:
-            yield chunk([], _usage(list(finished.values()), request.n))
+            yield chunk([], _usage(finished, request.n))
 
     # -- chat ----------------------------------------------------------------------------------
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
@@ -180,7 +176,7 @@ class OpenAIService:
             request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         )
         if max_tokens is None:
-            max_tokens = self._room(prompt)
+            max_tokens = self.engine.room(prompt)
         jobs = [
             Job(i, prompt, convert.sampling_params(request, max_tokens, i), options) for i in range(request.n)
         ]
@@ -191,29 +187,16 @@ class OpenAIService:
         finished = await collect(streams)
         choices = [
             ChatChoice(
-                index=item.index,
+                index=index,
                 message=ChatMessageOut(role="assistant", content=item.text),
                 logprobs=convert.chat_logprobs(item.logprobs) if request.logprobs else None,
                 finish_reason=item.finish_reason,
             )
-            for item in finished
+            for index, item in finished.items()
         ]
         return ChatCompletionResponse(
             id=rid, created=created, model=request.model, choices=choices, usage=_usage(finished, request.n)
         )
-
-    def _room(self, prompt: Prompt) -> int:
-        """Default chat max_tokens, as vLLM: what every member's context leaves after the prompt, capped."""
-        core = getattr(self.engine, "core", None)
-        if core is None:
-            return self.config.max_tokens_limit
-        room = min(
-            core.ctx.max_context[name] - len(prompt_ids(core.members[name].tokenizer, prompt))
-            for name in core.ctx.names
-        )
-        if room < 1:
-            raise PromptTooLong(f"the conversation fills the context ({room} tokens left); shorten it")
-        return min(room, self.config.max_tokens_limit)
 
     async def _stream_chat(
         self, request: ChatCompletionRequest, streams: list[Primed], rid: str, created: int
@@ -225,12 +208,12 @@ class OpenAIService:
                 )
             )
 
-        finished = {p.index: Finished(p.index) for p in streams}
+        finished = {p.index: Completion() for p in streams}
         for p in streams:
             # OpenAI's first chunk of each choice carries the role and empty content.
             yield chunk([ChatChunkChoice(index=p.index, delta=ChatMessageOut(role="assistant", content=""))])
         async for index, delta in merge(streams):
-            _track(finished[index], delta)
+            finished[index].add(delta)
             if not delta.text and not delta.logprobs and delta.finish_reason is None:
                 continue
             logprobs = convert.chat_logprobs(delta.logprobs) if request.logprobs else None
@@ -245,18 +228,11 @@ class OpenAIService:
                 ]
             )
         if request.stream_options and request.stream_options.include_usage:
-            yield chunk([], _usage(list(finished.values()), request.n))
+            yield chunk([], _usage(finished, request.n))
 
 
-def _track(item: Finished, delta: Any) -> None:
-    item.prompt_tokens = delta.prompt_tokens or item.prompt_tokens
-    item.completion_tokens = delta.completion_tokens
-    if delta.finish_reason is not None:
-        item.finish_reason = delta.finish_reason
-
-
-def _usage(finished: list[Finished], n: int) -> Usage:
+def _usage(finished: dict[int, Completion], n: int) -> Usage:
     """Prompt tokens count once per prompt (choices of one prompt share it), completion tokens per choice."""
-    prompt = sum(item.prompt_tokens for item in finished if item.index % n == 0)
-    completion = sum(item.completion_tokens for item in finished)
+    prompt = sum(item.prompt_tokens for index, item in finished.items() if index % n == 0)
+    completion = sum(item.completion_tokens for item in finished.values())
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-from runtime.core import Delta, RequestOptions, TokenLogprob
-from runtime.prompts import Prompt
-from runtime.sampling import SamplingParams
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import Completion, Delta, RequestOptions, TokenLogprob
 
 
 class Engine(Protocol):
@@ -24,7 +24,17 @@ class Engine(Protocol):
 
     def generate(
         self, prompt: Prompt, params: SamplingParams, options: RequestOptions | None = None
-    ) -> AsyncIterator[Delta]: ...
+    ) -> AsyncIterator[Delta]:
+        """Admit one sequence and stream its deltas (admission errors surface at the first one)."""
+        ...
+
+    def room(self, prompt: Prompt) -> int:
+        """Tokens every member's context leaves after `prompt`, capped: the default chat max_tokens."""
+        ...
+
+    async def prompt_logprobs(self, prompt_text: str, options: RequestOptions | None = None) -> list[TokenLogprob | None]:
+        """`echo` with `logprobs`: each prompt token with its log-probability (the first has none)."""
+        ...
 
 
 @dataclass
@@ -123,27 +133,9 @@ async def merge(streams: list[Primed]) -> AsyncIterator[tuple[int, Delta]]:
         await asyncio.gather(*(p.aclose() for p in streams))
 
 
-@dataclass
-class Finished:
-    """A whole sequence, collected."""
-
-    index: int
-    text: str = ""
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-async def collect(streams: list[Primed]) -> list[Finished]:
-    """Run every stream to its end; results in choice order."""
-    done = {p.index: Finished(p.index) for p in streams}
+async def collect(streams: list[Primed]) -> dict[int, Completion]:
+    """Run every stream to its end: each choice index's completion, in choice order."""
+    done = {p.index: Completion() for p in sorted(streams, key=lambda p: p.index)}
     async for index, delta in merge(streams):
-        item = done[index]
-        item.text += delta.text
-        item.logprobs.extend(delta.logprobs)
-        item.prompt_tokens = delta.prompt_tokens or item.prompt_tokens
-        item.completion_tokens = delta.completion_tokens
-        if delta.finish_reason is not None:
-            item.finish_reason = delta.finish_reason
-    return [done[i] for i in sorted(done)]
+        done[index].add(delta)
+    return done

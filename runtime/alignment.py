@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.errors import ConsortError
-from runtime.vocab import TokenTable, backend_of
+from consort.runtime.errors import ConsortError
+from consort.runtime.vocab import TokenTable, backend_of
 
 
 class AlignmentError(ConsortError):

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from runtime.errors import ConfigError
+from consort.runtime.errors import ConfigError
 
-STRATEGIES = ("mean", "deepen", "me", "vote")
-TOKEN_LEVEL = ("mean", "deepen", "me")
+
+def _registry() -> Any:
+    # Imported when validating, not at import: the strategies' modules import this one.
+    from consort.runtime import fusion
+
+    return fusion
 
 
 class MemberConfig(BaseModel):
@@ -70,13 +74,22 @@ class VoteConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     samples: int = Field(default=5, ge=1, le=64, description="Answers sampled per request, spread over members.")
-    base: Literal["member", "mean", "deepen", "me"] = Field(
-        default="member", description="How each answer is generated: each member alone in turn, or a token-level strategy."
+    base: str = Field(
+        default="member",
+        description="How each answer is generated: `member` (each member alone in turn) or a token-level strategy's name.",
     )
     kind: Literal["number", "choice", "span", "free"] = Field(
         default="free", description="How answers are compared: extracted number/letter/span, or embedding similarity."
     )
     temperature: float = Field(default=0.7, ge=0.0, description="Sampling temperature of each answer.")
+
+    @field_validator("base")
+    @classmethod
+    def _known_base(cls, base: str) -> str:
+        allowed = ["member", *_registry().names("token")]
+        if base not in allowed:
+            raise ValueError(f"vote.base must be one of {', '.join(allowed)}, not {base!r}")
+        return base
 
 
 class AutoscalingConfig(BaseModel):
@@ -108,7 +121,7 @@ class EnsembleConfig(BaseModel):
 
     name: str = Field(default="consort", description="Model id served at /v1/models.")
     members: list[MemberConfig] = Field(min_length=1, description="The models; names must be unique.")
-    strategy: Literal["mean", "deepen", "me", "vote"] = Field(default="deepen", description="Default strategy.")
+    strategy: str = Field(default="deepen", description="Default strategy: a registered strategy's name (`consort strategies`).")
     main: str | None = Field(
         default=None, description="Member whose tokenizer and chat template define the output (default: the first)."
     )
@@ -148,8 +161,11 @@ class EnsembleConfig(BaseModel):
             raise ValueError(f"main {self.main!r} is not a member; members are {names}")
         if sum(m.weight for m in self.members) <= 0:
             raise ValueError("all member weights are zero; at least one must be positive")
-        if self.gate is not None and self.strategy not in ("mean", "deepen"):
-            raise ValueError(f"gate applies to mean and deepen, not {self.strategy!r}")
+        fusion = _registry()
+        if self.strategy not in fusion.REGISTRY:
+            raise ValueError(f"unknown strategy {self.strategy!r}; known: {', '.join(fusion.names())}")
+        if self.gate is not None and not fusion.REGISTRY[self.strategy].supports_gate:
+            raise ValueError(f"gate applies to {', '.join(fusion.gated_names())}, not {self.strategy!r}")
         return self
 
     @property

@@ -14,16 +14,16 @@ import itertools
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from runtime import fusion
-from runtime.config import EnsembleConfig
-from runtime.errors import ConfigError, InvalidRequest, PromptTooLong
-from runtime.fusion.base import (
+from consort.runtime import fusion
+from consort.runtime.config import EnsembleConfig
+from consort.runtime.errors import InvalidRequest, PromptTooLong
+from consort.runtime.fusion.base import (
     EOS_KEY,
     Candidate,
     Decision,
@@ -32,80 +32,45 @@ from runtime.fusion.base import (
     WorkFlags,
     single_member,
 )
-from runtime.prompts import Prompt, prompt_ids
-from runtime.sampling import SamplingParams, find_stop, make_generator, sample, stop_holdback
-from runtime.vocab import TokenTable, anchors
-from runtime.worker import InvertWork, Piece, SeqResult, SeqWork
-
-
-@dataclass
-class MemberReply:
-    """One member's results in a round, and its round trip as the executor saw it."""
-
-    results: list[SeqResult]
-    seconds: float
+from consort.runtime.prompts import Prompt, prompt_ids
+from consort.runtime.sampling import SamplingParams, find_stop, make_generator, sample, stop_holdback
+from consort.runtime.types import (
+    Delta,
+    InvertWork,
+    MemberInfo,
+    MemberReply,
+    Piece,
+    RequestOptions,
+    SeqResult,
+    SeqWork,
+    TokenLogprob,
+)
+from consort.runtime.vocab import anchors
+from consort.runtime.vote_groups import VoteGroups
 
 
 class Executor(Protocol):
     """Runs member work in rounds, one concurrent round per phase of a step: in process, or on
     member actors (a round is then one compiled-graph execution or one call per member)."""
 
-    async def step(self, works: Mapping[str, list[SeqWork]]) -> dict[str, MemberReply]: ...
+    async def step(
+        self, works: Mapping[str, list[SeqWork]], release: Mapping[str, list[str]] | None = None
+    ) -> dict[str, MemberReply]:
+        """One round: each member in `works` first frees the sequences in `release` (finished
+        ones ride in the next call, never a round of their own), then computes."""
+        ...
 
     async def invert(self, member: str, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]: ...
 
-    async def release(self, seq_ids: Mapping[str, list[str]]) -> None: ...
-
-
-@dataclass(frozen=True)
-class MemberInfo:
-    """What the core needs to know of a member without holding its weights."""
-
-    name: str
-    tokenizer: Any
-    table: TokenTable
-    max_context: int
-
-
-@dataclass
-class RequestOptions:
-    """Per-request ensemble overrides (the HTTP body's extra fields)."""
-
-    strategy: str | None = None
-    weights: list[float] | None = None
-    gate: float | None = None
-    logprobs: int | None = None  # alternatives to report per token (None = no log-probs)
-    diagnostics: bool = False
-    vote_samples: int | None = None  # vote: answers to sample (default: the config's)
-    vote_kind: str | None = None  # vote: number | choice | span | free (default: the config's)
-    vote_choices: int | None = None  # vote with kind=choice: how many options the question has
-
-
-@dataclass
-class TokenLogprob:
-    """One emitted piece with its ensemble log-probability and the best alternatives."""
-
-    token: str
-    data: bytes
-    logprob: float
-    top: list[tuple[str, float]]
-
-
-@dataclass
-class Delta:
-    """New text for one sequence (streaming), and its end."""
-
-    seq_id: str
-    text: str
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    async def release(self, seq_ids: Mapping[str, list[str]]) -> None:
+        """A round that only frees sequences: used when no further step would carry them."""
+        ...
 
 
 @dataclass
 class SequenceState:
+    """One sequence in the core: its request, its text so far, and what each member has yet to see."""
+
     seq_id: str
     params: SamplingParams
     strategy: Strategy
@@ -135,20 +100,6 @@ class SequenceState:
 
 
 @dataclass
-class VoteGroup:
-    """A `vote` request: several complete answers, sampled across members, then one is chosen."""
-
-    parent_id: str
-    children: list[str]
-    kind: str
-    n_choices: int | None
-    texts: dict[str, str] = field(default_factory=dict)
-    finish: dict[str, str] = field(default_factory=dict)
-    tokens: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-
-
-@dataclass
 class StepStats:
     """What one step did, for metrics and benchmarks."""
 
@@ -158,6 +109,7 @@ class StepStats:
     fusion_seconds: float = 0.0
     fused: int = 0
     draws: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    rounds: int = 0  # executor rounds this step took (each one a round trip to the members)
 
 
 class EnsembleCore:
@@ -190,32 +142,44 @@ class EnsembleCore:
         self.default_strategy = config.strategy
         self.waiting: deque[SequenceState] = deque()
         self.running: dict[str, SequenceState] = {}
+        self.votes = VoteGroups()
         self.last_stats = StepStats()
         self._counter = itertools.count()
-        self.groups: dict[str, VoteGroup] = {}
-        self._parent_of: dict[str, str] = {}
-        self.embedder: Any = None  # loaded on the first free-text vote
-
-    @property
-    def anchor_count(self) -> int:
-        assert self.ctx.anchors is not None
-        return len(next(iter(self.ctx.anchors.values())))
+        # Sequences each member may free: sent with that member's next call, not in a round of their own.
+        self._unreleased: dict[str, list[str]] = defaultdict(list)
 
     def strategy(self, name: str) -> Strategy:
+        """The strategy called `name`, created (and checked against this ensemble) on first use."""
         if name not in self._strategies:
             self._strategies[name] = fusion.create(name, self.ctx)
         return self._strategies[name]
 
     # -- admission -----------------------------------------------------------------------------
+    def new_id(self, prefix: str = "seq") -> str:
+        return f"{prefix}-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
+
     def resolve_weights(self, weights: list[float] | None) -> dict[str, float]:
         names = self.ctx.names
         if weights is None:
             return dict(zip(names, self.config.weights, strict=True))
         if len(weights) != len(names):
-            raise ConfigError(f"{len(weights)} weights given for {len(names)} members ({', '.join(names)})")
+            raise InvalidRequest(f"{len(weights)} weights given for {len(names)} members ({', '.join(names)})")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ConfigError("weights must be non-negative and not all zero")
+            raise InvalidRequest("weights must be non-negative and not all zero")
         return dict(zip(names, weights, strict=True))
+
+    def resolve_gate(self, strategy: Strategy, options: RequestOptions) -> float | None:
+        """The request's gate threshold; the config's applies only to strategies that gate."""
+        if options.gate is not None:
+            if not strategy.supports_gate:
+                gated = ", ".join(fusion.gated_names())
+                raise InvalidRequest(f"gate applies to {gated}, not {strategy.name!r}")
+            if not 0 < options.gate <= 1:
+                raise InvalidRequest(f"gate threshold must be in (0, 1], got {options.gate}")
+            return options.gate
+        if self.config.gate is not None and strategy.supports_gate:
+            return self.config.gate.threshold
+        return None
 
     def add(
         self,
@@ -223,22 +187,24 @@ class EnsembleCore:
         params: SamplingParams,
         options: RequestOptions | None = None,
         seq_id: str | None = None,
+        forced: Iterable[Candidate] = (),
     ) -> str:
-        """Validate and queue one sequence; errors here are the request's, raised before it runs."""
+        """Validate and queue one request; errors here are the request's, raised before it runs.
+
+        A token-level strategy queues one sequence; an answer-level one (vote) queues the
+        sequences it needs and answers for them under the returned id. `forced`: the pieces
+        to emit instead of sampling (teacher-forced scoring).
+        """
         options = options or RequestOptions()
-        strategy_name = options.strategy or self.default_strategy
-        if strategy_name == "vote":
-            return self._add_vote(prompt, params, options, seq_id)
-        strategy = self.strategy(strategy_name)
-        gate = options.gate if options.gate is not None else (self.config.gate.threshold if self.config.gate else None)
-        if gate is not None and strategy_name not in ("mean", "deepen"):
-            raise ConfigError(f"gate applies to mean and deepen, not {strategy_name!r}")
-        if gate is not None and not 0 < gate <= 1:
-            raise InvalidRequest(f"gate threshold must be in (0, 1], got {gate}")
+        strategy = self.strategy(options.strategy or self.default_strategy)
+        if strategy.level == "answer":
+            return strategy.admit(self, prompt, params, options, seq_id)
         if params.max_tokens > self.config.max_tokens_limit:
             raise InvalidRequest(
                 f"max_tokens={params.max_tokens} is above this ensemble's limit of {self.config.max_tokens_limit}"
             )
+        gate = self.resolve_gate(strategy, options)
+        weights = self.resolve_weights(options.weights)
         ids = {name: prompt_ids(self.members[name].tokenizer, prompt) for name in self.ctx.names}
         for name, member_ids in ids.items():
             limit = self.ctx.max_context[name]
@@ -249,133 +215,81 @@ class EnsembleCore:
                 )
         seed = params.seed
         seq = SequenceState(
-            seq_id=seq_id or f"seq-{next(self._counter)}-{uuid.uuid4().hex[:8]}",
+            seq_id=seq_id or self.new_id(),
             params=params,
             strategy=strategy,
-            weights=self.resolve_weights(options.weights),
+            weights=weights,
             gate=gate,
             prompt_ids=ids,
             generator=make_generator(seed),
             draw_generator=make_generator(None if seed is None else seed + 7919),
             options=options,
+            forced=deque(forced),
         )
         self.waiting.append(seq)
         return seq.seq_id
 
-    def _add_vote(
-        self, prompt: Prompt, params: SamplingParams, options: RequestOptions, seq_id: str | None
-    ) -> str:
-        """Agent Forest: sample N answers spread over the members (or with a token-level strategy), pick one."""
-        vote = self.config.vote
-        samples = options.vote_samples or vote.samples
-        kind = options.vote_kind or vote.kind
-        if kind not in ("number", "choice", "span", "free"):
-            raise InvalidRequest(f"vote kind must be number, choice, span or free, not {kind!r}")
-        if kind == "choice" and not options.vote_choices:
-            raise InvalidRequest("vote with kind=choice needs the number of choices")
-        temperature = params.temperature if params.temperature > 0 else vote.temperature
-        parent = seq_id or f"vote-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
-        weights = self.resolve_weights(options.weights)
-        voters = [n for n in self.ctx.names if weights[n] > 0]
-        children = []
-        for i in range(samples):
-            if vote.base == "member":
-                child_options = RequestOptions(
-                    strategy="me", weights=[1.0 if n == voters[i % len(voters)] else 0.0 for n in self.ctx.names]
-                )
-            else:
-                child_options = RequestOptions(strategy=vote.base, weights=options.weights, gate=options.gate)
-            child_params = params.model_copy(
-                update={"temperature": temperature, "seed": None if params.seed is None else params.seed + i}
-            )
-            children.append(self.add(prompt, child_params, child_options, seq_id=f"{parent}/{i}"))
-        group = VoteGroup(parent, children, kind, options.vote_choices)
-        group.prompt_tokens = len(self.waiting[-1].prompt_ids[self.ctx.main])
-        self.groups[parent] = group
-        for child in children:
-            self._parent_of[child] = parent
-        return parent
-
-    def _collect_votes(self, deltas: list[Delta]) -> list[Delta]:
-        """Hold the children's deltas back; when a group's answers are all in, emit the chosen one."""
-        from runtime.vote import default_embedder, select_answer
-
-        out = []
-        for delta in deltas:
-            parent = self._parent_of.get(delta.seq_id)
-            if parent is None:
-                out.append(delta)
-                continue
-            group = self.groups[parent]
-            group.texts[delta.seq_id] = group.texts.get(delta.seq_id, "") + delta.text
-            if delta.finish_reason:
-                group.finish[delta.seq_id] = delta.finish_reason
-                group.tokens[delta.seq_id] = delta.completion_tokens
-            if len(group.finish) == len(group.children):
-                answers = [group.texts.get(c, "") for c in group.children]
-                if group.kind == "free" and self.embedder is None and len(answers) > 1:
-                    self.embedder = default_embedder()
-                result = select_answer(
-                    answers, kind=group.kind, n_choices=group.n_choices,  # type: ignore[arg-type]
-                    embedder=self.embedder,
-                )
-                chosen = group.children[result.index]
-                out.append(
-                    Delta(
-                        seq_id=parent,
-                        text=answers[result.index],
-                        finish_reason=group.finish[chosen],
-                        prompt_tokens=group.prompt_tokens,
-                        completion_tokens=group.tokens[chosen],
-                        diagnostics=[{"vote": result.model_dump(), "answers": answers}],
-                    )
-                )
-                for child in group.children:
-                    self._parent_of.pop(child, None)
-                del self.groups[parent]
-        return out
-
-    def add_scoring(self, context: Prompt, continuation: str, options: RequestOptions | None = None) -> str:
-        """Queue a teacher-forced sequence: the continuation, in the main member's tokens, scored piece by piece.
-
-        Its deltas carry each piece's log-probability under the request's strategy;
-        `me` is scored as the weighted mixture it samples from, i.e. as `mean`.
-        """
-        if not continuation:
-            raise InvalidRequest("the continuation to score is empty")
-        options = options or RequestOptions()
-        strategy = "mean" if options.strategy == "me" else options.strategy
-        options = RequestOptions(
-            strategy=strategy, weights=options.weights, gate=options.gate, logprobs=max(options.logprobs or 0, 1)
-        )
-        main = self.ctx.main
-        ids = self.members[main].tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        table = self.ctx.table(main)
-        pieces = deque(Candidate(table.token_bytes(i), main, i) for i in ids)
-        seq_id = self.add(context, SamplingParams(temperature=0.0, max_tokens=len(ids), ignore_eos=True), options)
-        self.waiting[-1].forced = pieces
-        return seq_id
-
     def prompt_tokens(self, seq_id: str) -> int:
-        if seq_id in self.groups:
-            return self.groups[seq_id].prompt_tokens
+        """The request's prompt length in the main member's tokens (as usage reports it)."""
+        if seq_id in self.votes:
+            return self.votes.prompt_tokens(seq_id)
         seq = self.running.get(seq_id) or next((s for s in self.waiting if s.seq_id == seq_id), None)
-        return len(seq.prompt_ids[self.ctx.main]) if seq else 0
+        if seq is None:
+            raise KeyError(seq_id)
+        return len(seq.prompt_ids[self.ctx.main])
+
+    def room(self, prompt: Prompt) -> int:
+        """Tokens every member's context leaves after `prompt`, capped by the ensemble's max_tokens limit."""
+        room = min(
+            self.ctx.max_context[name] - len(prompt_ids(self.members[name].tokenizer, prompt))
+            for name in self.ctx.names
+        )
+        if room < 1:
+            raise PromptTooLong(f"the conversation fills the context ({room} tokens left); shorten it")
+        return min(room, self.config.max_tokens_limit)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # -- leaving -------------------------------------------------------------------------------
+    def _drop(self, seq_ids: set[str]) -> None:
+        """Forget sequences (and the votes they answer for); their members free them on their next call."""
+        for parent in [i for i in seq_ids if i in self.votes]:
+            seq_ids.update(self.votes.close(parent))
+        self.waiting = deque(s for s in self.waiting if s.seq_id not in seq_ids)
+        for seq_id in [i for i in seq_ids if i in self.running]:
+            self._forget(self.running.pop(seq_id))
+
+    def _forget(self, seq: SequenceState) -> None:
+        for member in seq.admitted:
+            self._unreleased[member].append(seq.seq_id)
+
     async def abort(self, seq_ids: Sequence[str]) -> None:
         """Drop sequences (a caller went away) and free their state in every member."""
-        drop = set(seq_ids)
-        for parent in [i for i in drop if i in self.groups]:
-            group = self.groups.pop(parent)
-            drop.update(group.children)
-            for child in group.children:
-                self._parent_of.pop(child, None)
-        self.waiting = deque(s for s in self.waiting if s.seq_id not in drop)
-        await self._release([self.running.pop(i) for i in list(drop) if i in self.running])
+        self._drop(set(seq_ids))
+        await self.release_if_idle()
+
+    def fail(self, *, waiting_too: bool = False) -> list[str]:
+        """Drop every running sequence (and the waiting ones): a step failed under them.
+
+        Returns the ids their callers wait on, each once (a vote's, for its answers).
+        The members free what they held with their next call (`release_if_idle`, if
+        none comes).
+        """
+        failed = list(self.running)
+        if waiting_too:
+            failed += [s.seq_id for s in self.waiting]
+        callers = list(dict.fromkeys(self.votes.caller_of(seq_id) for seq_id in failed))
+        self._drop(set(failed) | set(callers))
+        return callers
+
+    async def release_if_idle(self) -> None:
+        """With nothing left to step, free what finished now: no next step would carry it."""
+        if self.has_work or not any(self._unreleased.values()):
+            return
+        pending, self._unreleased = self._unreleased, defaultdict(list)
+        await self.executor.release({m: ids for m, ids in pending.items() if ids})
 
     # -- the step ------------------------------------------------------------------------------
     async def step(self) -> list[Delta]:
@@ -401,9 +315,13 @@ class EnsembleCore:
                 decision = seq.strategy.decide(seq, results[seq.seq_id], inverted.get(seq.seq_id))
             deltas.append(self._advance(seq, decision, stats))
         stats.fusion_seconds += time.perf_counter() - started
-        await self._release([s for s in seqs if s.finish_reason is not None])
+        for seq in seqs:
+            if seq.finish_reason is not None:
+                self._forget(self.running.pop(seq.seq_id))
         self.last_stats = stats
-        return self._collect_votes(deltas) if self.groups else deltas
+        deltas = self.votes.collect(deltas) if self.votes else deltas
+        await self.release_if_idle()
+        return deltas
 
     def _first(self, seq: SequenceState) -> dict[str, WorkFlags]:
         if seq.mid_char_owner is not None:
@@ -422,7 +340,9 @@ class EnsembleCore:
             for member, flags in members.items():
                 works[member].append(self._work(seq, member, flags))
         self._ride_along(works, plan)
-        replies = await self.executor.step(works)
+        release = {m: self._unreleased.pop(m) for m in works if self._unreleased.get(m)}
+        stats.rounds += 1
+        replies = await self.executor.step(works, release)
         for member, reply in replies.items():
             for work, result in zip(works[member], reply.results, strict=True):
                 if work.compute:  # a rider only took its text in: it has no distribution to give
@@ -477,6 +397,7 @@ class EnsembleCore:
             return {}
         deepen = self.config.deepen
         started = time.perf_counter()
+        stats.rounds += 1
         inverted = await self.executor.invert(self.ctx.main, works, deepen.steps, deepen.learning_rate)
         stats.fusion_seconds += time.perf_counter() - started
         return {w.seq_id: out for w, out in zip(works, inverted, strict=True)}
@@ -566,12 +487,3 @@ class EnsembleCore:
             logprob=logprob,
             top=[(show(decision.candidates[i].key), float(decision.logprobs[i])) for i in order],
         )
-
-    async def _release(self, seqs: list[SequenceState]) -> None:
-        by_member: dict[str, list[str]] = defaultdict(list)
-        for seq in seqs:
-            self.running.pop(seq.seq_id, None)
-            for member in seq.admitted:
-                by_member[member].append(seq.seq_id)
-        if by_member:
-            await self.executor.release(by_member)

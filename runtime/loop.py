@@ -5,18 +5,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from runtime import models
-from runtime.config import EnsembleConfig
-from runtime.core import Delta, EnsembleCore, MemberInfo, MemberReply, RequestOptions, TokenLogprob
-from runtime.member import MemberEngine
-from runtime.prompts import Prompt
-from runtime.sampling import SamplingParams
-from runtime.worker import InvertWork, MemberWorker, SeqWork
+from consort.runtime import models
+from consort.runtime.config import EnsembleConfig
+from consort.runtime.core import EnsembleCore
+from consort.runtime.member import MemberEngine
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import (
+    Completion,
+    Delta,
+    InvertWork,
+    MemberInfo,
+    MemberReply,
+    RequestOptions,
+    SeqWork,
+)
+from consort.runtime.worker import MemberWorker
 
 
 class LocalExecutor:
@@ -25,10 +33,14 @@ class LocalExecutor:
     def __init__(self, workers: dict[str, MemberWorker]) -> None:
         self.workers = workers
 
-    async def step(self, works: Mapping[str, list[SeqWork]]) -> dict[str, MemberReply]:
+    async def step(
+        self, works: Mapping[str, list[SeqWork]], release: Mapping[str, list[str]] | None = None
+    ) -> dict[str, MemberReply]:
         replies = {}
         for member, member_works in works.items():
             started = time.perf_counter()
+            if release and release.get(member):
+                self.workers[member].release(release[member])
             results = self.workers[member].step(member_works)
             replies[member] = MemberReply(results, time.perf_counter() - started)
         return replies
@@ -73,18 +85,6 @@ def attach_anchors(core: EnsembleCore, workers: dict[str, MemberWorker]) -> None
         worker.set_anchors(core.ctx.anchors[name], deepen.temperature, deepen.relative_top_k)
 
 
-@dataclass
-class Completion:
-    """A finished sequence."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    diagnostics: list[dict[str, Any]] = field(default_factory=list)
-
-
 class EnsembleLoop:
     """Holds the members and the step loop; yields text deltas per sequence."""
 
@@ -121,16 +121,8 @@ class EnsembleLoop:
         """Run many sequences together (continuous batching in one process) to completion."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         ids = [self.core.add(p, sp, options) for p, sp in zip(prompts, per_prompt, strict=True)]
-        done: dict[str, Completion] = {}
-        partial: dict[str, Completion] = {i: Completion("", "", 0, 0) for i in ids}
-        while len(done) < len(ids):
+        completions = {i: Completion() for i in ids}
+        while not all(c.finished for c in completions.values()):
             for delta in asyncio.run(self.core.step()):
-                c = partial[delta.seq_id]
-                c.text += delta.text
-                c.logprobs += delta.logprobs
-                c.diagnostics += delta.diagnostics
-                if delta.finish_reason:
-                    c.finish_reason = delta.finish_reason
-                    c.prompt_tokens, c.completion_tokens = delta.prompt_tokens, delta.completion_tokens
-                    done[delta.seq_id] = c
-        return [done[i] for i in ids]
+                completions[delta.seq_id].add(delta)
+        return [completions[i] for i in ids]

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from runtime.errors import InvalidRequest, PromptTooLong
+from consort.runtime.errors import InvalidRequest, PromptTooLong
 
 _SUPPORTED_ATTENTION = ("sdpa", "eager")
 _SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
@@ -460,7 +460,7 @@ class MemberEngine:
         seq = self._seqs[feed.seq_id]
         cache = seq.cache if seq.cache is not None else DynamicCache()
         input_ids = torch.tensor([feed.tokens], dtype=torch.long, device=self.device)
-        out = self._run(keep, input_ids=input_ids, past_key_values=cache, use_cache=True)
+        out = self._run(keep, input_ids=input_ids, cache=cache, use_cache=True)
         seq.cache = cache
         return out
 
@@ -484,7 +484,7 @@ class MemberEngine:
             input_ids=input_ids.to(self.device),
             attention_mask=self._masks(new_positions, all_positions),
             position_ids=new_positions.clamp(min=0),
-            past_key_values=packed.cache,
+            cache=packed.cache,
             use_cache=True,
         )
         packed.positions = all_positions

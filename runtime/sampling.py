@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from runtime.errors import InvalidRequest
+from consort.runtime.errors import InvalidRequest
 
 
 class SamplingParams(BaseModel):

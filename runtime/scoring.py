@@ -1,278 +1,40 @@
-"""Log-likelihood of continuations, and batched runs of many sequences through the ensemble core.
+"""Teacher-forced scoring: the ensemble's log-probability of given text, piece by piece.
 
-Two ways to score `continuation` after `context` (lm-eval's convention: the
-context and the continuation are tokenized separately, `context_enc +
-continuation_enc`, and the sum of the continuation tokens' log-probs is the
-log-likelihood):
-
-* each member alone, fast: `member_logliks` sends a member two steps per batch,
-  a prefill of the contexts, then the continuations with `echo`, so one forward
-  returns the log-prob of every continuation token (no token-by-token stepping).
-  It talks to an `Executor`, so it runs the same in process and on member actors.
-* the ensemble: `ensemble_logliks` queues teacher-forced sequences in an
-  `EnsembleCore` (`add_scoring`), whose deltas carry each piece's log-prob under
-  the strategy, in the main member's tokens; `me` is scored as the mixture it
-  samples from (i.e. as `mean`).
-
-`drive_core` runs many sequences (scoring or generation) through one core with
-asyncio, admitting them in waves so that each step is one batched forward per
-member.
+`add_scoring` queues `continuation` after `context` in an `EnsembleCore` as a
+forced sequence: each step emits the continuation's next piece (the main member's
+tokens) instead of sampling, and the delta carries that piece's log-probability
+under the request's strategy. Serving uses it for echo log-probs; the evaluation
+(`runtime.evaluation.logliks`) batches many of them into log-likelihoods.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
-
-from runtime.core import EnsembleCore, Executor, MemberInfo, RequestOptions
-from runtime.errors import InvalidRequest
-from runtime.prompts import Prompt, prompt_ids
-from runtime.sampling import SamplingParams
-from runtime.worker import Piece, SeqWork
-
-# The echo step keeps [batch, continuation + 1, vocabulary] float32 logits; Gemma-3's
-# 262,144-token vocabulary makes that the memory that bounds a batch, so batches are cut
-# to hold at most this many logits (2**28 floats = 1 GiB).
-DEFAULT_LOGIT_BUDGET = 1 << 28
+from consort.runtime import fusion
+from consort.runtime.core import EnsembleCore
+from consort.runtime.errors import InvalidRequest
+from consort.runtime.fusion.base import Candidate
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import RequestOptions
 
 
-@dataclass(frozen=True)
-class LoglikRequest:
-    """Score `continuation` as the text that follows `context` (raw text, no chat template)."""
-
-    context: str
-    continuation: str
-
-
-@dataclass(frozen=True)
-class Loglik:
-    """Summed log-probability of a continuation and how many tokens (or main-member pieces) it spans."""
-
-    logprob: float
-    tokens: int
-    token_logprobs: tuple[float, ...] = ()  # one per token (member path) or per main-member piece (ensemble)
-
-
-def context_ids(tokenizer: Any, context: str) -> list[int]:
-    """A member's tokens for a context: the same as the core's prompt of raw text (BOS included)."""
-    return prompt_ids(tokenizer, Prompt(text=context))
-
-
-def continuation_ids(tokenizer: Any, continuation: str) -> list[int]:
-    ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise InvalidRequest(f"the continuation {continuation!r} is empty for this tokenizer")
-    return ids
-
-
-def _batches(
-    order: list[int], lengths: list[tuple[int, int]], *, max_batch: int, budget: int, vocab_size: int
-) -> list[list[int]]:
-    """Consecutive groups of `order` (sorted by length) whose echo logits fit `budget`."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    widest = 0
-    for index in order:
-        width = lengths[index][1] + 1
-        grown = max(widest, width)
-        if current and (len(current) >= max_batch or (len(current) + 1) * grown * vocab_size > budget):
-            groups.append(current)
-            current, grown = [], width
-        current.append(index)
-        widest = grown
-    if current:
-        groups.append(current)
-    return groups
-
-
-async def member_logliks(
-    executor: Executor,
-    member: MemberInfo,
-    requests: Sequence[LoglikRequest],
-    *,
-    max_batch: int = 32,
-    logit_budget: int = DEFAULT_LOGIT_BUDGET,
-) -> list[Loglik]:
-    """Each request's log-likelihood under `member` alone, in its own tokens (the fast echo path)."""
-    tokenizer, table = member.tokenizer, member.table
-    encoded = [
-        (context_ids(tokenizer, r.context), continuation_ids(tokenizer, r.continuation)) for r in requests
-    ]
-    lengths = [(len(c), len(x)) for c, x in encoded]
-    # Similar lengths together: less padding in the packed forward.
-    order = sorted(range(len(requests)), key=lambda i: (lengths[i][1], lengths[i][0]))
-    out: list[Loglik | None] = [None] * len(requests)
-    tag = uuid.uuid4().hex[:8]
-    for group in _batches(
-        order, lengths, max_batch=max_batch, budget=logit_budget, vocab_size=table.vocab_size
-    ):
-        ids = {i: f"loglik-{tag}-{i}" for i in group}
-        try:
-            # Step 1: prefill the contexts (only the last position's logits are kept).
-            await executor.step({member.name: [SeqWork(seq_id=ids[i], prompt_ids=encoded[i][0]) for i in group]})
-            # Step 2: the continuations, fed as the member's own tokens, with echo: one forward
-            # gives log p(token | everything before it) for each of them.
-            works = [
-                SeqWork(
-                    seq_id=ids[i],
-                    pieces=[Piece(table.token_bytes(t), member.name, t) for t in encoded[i][1]],
-                    echo=True,
-                )
-                for i in group
-            ]
-            results = (await executor.step({member.name: works}))[member.name].results
-        finally:
-            await executor.release({member.name: list(ids.values())})
-        for i, result in zip(group, results, strict=True):
-            assert result.echo_logprobs is not None
-            # echo starts at the first token after the context, so it covers the continuation exactly.
-            values = tuple(float(v) for v in result.echo_logprobs)
-            out[i] = Loglik(logprob=sum(values), tokens=len(values), token_logprobs=values)
-    return [o for o in out if o is not None]
-
-
-# --- running many sequences through one core ----------------------------------------------------
-
-
-@dataclass
-class CoreJob:
-    """One sequence (or vote group) to run: `add` queues it in the core and returns its id."""
-
-    add: Callable[[EnsembleCore], str]
-    slots: int = 1  # sequences it occupies in a batch (a vote of N samples occupies N)
-    size: int = 0  # sort key: jobs of similar size run in the same wave
-
-
-@dataclass
-class CoreOutcome:
-    """What a finished sequence produced."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    logprob: float = 0.0  # summed piece log-probs (scoring)
-    pieces: int = 0
-    piece_logprobs: list[float] = field(default_factory=list)
-    completion_tokens: int = 0
-    diagnostics: list[dict[str, Any]] = field(default_factory=list)
-
-
-async def drive_core(
-    core: EnsembleCore,
-    jobs: Sequence[CoreJob],
-    *,
-    refill_at: int | None = None,
-    on_finished: Callable[[int, CoreOutcome], None] | None = None,
-) -> list[CoreOutcome]:
-    """Run every job to completion through `core`, stepping it with asyncio.
-
-    Jobs are admitted in waves, sorted by size: a new wave is added only once at
-    most `refill_at` sequences still run (default: half a batch). Admitting one
-    sequence while others decode would make every row of that step's packed
-    forward as wide as its prompt, so admissions are grouped rather than trickled.
-    """
-    batch = core.config.max_batch
-    refill_at = batch // 2 if refill_at is None else refill_at
-    pending = deque(sorted(range(len(jobs)), key=lambda i: jobs[i].size))
-    index_of: dict[str, int] = {}
-    outcomes: list[CoreOutcome | None] = [None] * len(jobs)
-    partial: dict[str, CoreOutcome] = {}
-    while pending or index_of:
-        load = len(core.running) + len(core.waiting)
-        if load <= refill_at:
-            while pending and (load == 0 or load + jobs[pending[0]].slots <= batch):
-                i = pending.popleft()
-                seq_id = jobs[i].add(core)
-                index_of[seq_id] = i
-                partial[seq_id] = CoreOutcome()
-                load += jobs[i].slots
-        for delta in await core.step():
-            outcome = partial.get(delta.seq_id)
-            if outcome is None:
-                continue
-            outcome.text += delta.text
-            outcome.piece_logprobs += [lp.logprob for lp in delta.logprobs]
-            outcome.logprob += sum(lp.logprob for lp in delta.logprobs)
-            outcome.pieces += len(delta.logprobs)
-            outcome.diagnostics += delta.diagnostics
-            if delta.finish_reason:
-                outcome.finish_reason = delta.finish_reason
-                outcome.completion_tokens = delta.completion_tokens
-                i = index_of.pop(delta.seq_id)
-                outcomes[i] = partial.pop(delta.seq_id)
-                if on_finished is not None:
-                    on_finished(i, outcome)
-    return [o for o in outcomes if o is not None]
-
-
-def scoring_job(request: LoglikRequest, options: RequestOptions, size: int = 0) -> CoreJob:
-    return CoreJob(
-        add=lambda core: core.add_scoring(Prompt(text=request.context), request.continuation, options),
-        size=size or len(request.continuation),
+def add_scoring(core: EnsembleCore, context: Prompt, continuation: str, options: RequestOptions | None = None) -> str:
+    """Queue a teacher-forced sequence in `core`: the continuation, in the main member's tokens,
+    taken piece by piece; its deltas carry each piece's log-probability under the request's
+    strategy (its `scored_as` strategy: `me` is scored as the weighted mixture it samples from)."""
+    if not continuation:
+        raise InvalidRequest("the continuation to score is empty")
+    options = options or RequestOptions()
+    name = options.strategy or core.default_strategy
+    scored_as = fusion.strategy_class(name).scoring_strategy()
+    if scored_as is None:
+        raise InvalidRequest(f"strategy {name!r} chooses among whole answers: it gives no log-probabilities of text")
+    scoring_options = RequestOptions(
+        strategy=scored_as, weights=options.weights, gate=options.gate, logprobs=max(options.logprobs or 0, 1)
     )
-
-
-async def ensemble_logliks(
-    core: EnsembleCore,
-    requests: Sequence[LoglikRequest],
-    options: Sequence[RequestOptions],
-    *,
-    refill_at: int | None = None,
-) -> list[list[Loglik]]:
-    """Each request's log-likelihood under the ensemble, once per entry of `options` (strategy, weights).
-
-    All (request, options) pairs share the core's batches, so several strategies
-    cost one pass of stepping, not one each.
-    """
-    main = core.members[core.ctx.main].tokenizer
-    sizes = [len(continuation_ids(main, r.continuation)) for r in requests]
-    # Waves of equal continuation length (in the main member's tokens) finish on the same step.
-    jobs = [scoring_job(r, o, size) for o in options for r, size in zip(requests, sizes, strict=True)]
-    outcomes = await drive_core(core, jobs, refill_at=refill_at)
-    n = len(requests)
-    return [
-        [Loglik(o.logprob, o.pieces, tuple(o.piece_logprobs)) for o in outcomes[k * n : (k + 1) * n]]
-        for k in range(len(options))
-    ]
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Generate from raw text `prompt` with `params`, under the ensemble `options`."""
-
-    prompt: str
-    params: SamplingParams
-    options: RequestOptions
-
-
-def vote_slots(core: EnsembleCore, options: RequestOptions) -> int:
-    strategy = options.strategy or core.config.strategy
-    return (options.vote_samples or core.config.vote.samples) if strategy == "vote" else 1
-
-
-def generation_job(core: EnsembleCore, request: GenerationRequest) -> CoreJob:
-    return CoreJob(
-        add=lambda c: c.add(Prompt(text=request.prompt), request.params, request.options),
-        slots=vote_slots(core, request.options),
-        size=len(request.prompt),
-    )
-
-
-async def generate(
-    core: EnsembleCore, requests: Sequence[GenerationRequest], *, refill_at: int | None = None
-) -> list[CoreOutcome]:
-    """Complete every request through `core`, batched."""
-    return await drive_core(core, [generation_job(core, r) for r in requests], refill_at=refill_at)
-
-
-def one_hot(names: Sequence[str], member: str) -> list[float]:
-    """Weights that make the ensemble `member` alone (with strategy `me`, only it ever runs)."""
-    if member not in names:
-        raise InvalidRequest(f"unknown member {member!r}; members are {', '.join(names)}")
-    return [1.0 if n == member else 0.0 for n in names]
-
-
-def member_alone(names: Sequence[str], member: str) -> RequestOptions:
-    return RequestOptions(strategy="me", weights=one_hot(names, member))
+    main = core.ctx.main
+    ids = core.members[main].tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    table = core.ctx.table(main)
+    pieces = [Candidate(table.token_bytes(i), main, i) for i in ids]
+    params = SamplingParams(temperature=0.0, max_tokens=len(ids), ignore_eos=True)
+    return core.add(context, params, scoring_options, forced=pieces)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from tokenizers import Tokenizer
 
-from runtime.errors import ConsortError
+from consort.runtime.errors import ConsortError
 
 Kind = Literal["byte_level", "sentencepiece"]
 

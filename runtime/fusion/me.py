@@ -11,15 +11,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from runtime.fusion.base import Decision, Strategy, WorkFlags, single_member
-from runtime.worker import SeqResult
+from consort.runtime.fusion import register
+from consort.runtime.fusion.base import Decision, Strategy, WorkFlags, single_member
+from consort.runtime.types import SeqResult
 
 if TYPE_CHECKING:
-    from runtime.core import SequenceState
+    from consort.runtime.core import SequenceState
 
 
+@register
 class MixtureStrategy(Strategy):
+    """Mixture-model-like Ensemble: one member drawn per step by weight; the others catch up lazily."""
+
     name = "me"
+    scored_as = "mean"  # the weighted mixture `me` samples from is `mean`'s distribution
 
     def first(self, seq: SequenceState) -> dict[str, WorkFlags]:
         weights = torch.tensor([seq.weight(n) for n in self.ctx.names], dtype=torch.float64)

@@ -15,40 +15,32 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from runtime.fusion import gate
-from runtime.fusion.base import (
+from consort.runtime.fusion import register
+from consort.runtime.fusion.base import (
     EOS_KEY,
     Candidate,
     Decision,
-    Strategy,
     WorkFlags,
     member_key,
     normalised_weights,
     single_member,
     tail_logprob,
 )
-from runtime.worker import SeqResult
+from consort.runtime.fusion.gate import GatedStrategy
+from consort.runtime.types import SeqResult
 
 if TYPE_CHECKING:
-    from runtime.core import SequenceState
+    from consort.runtime.core import SequenceState
 
 
-class MeanStrategy(Strategy):
+@register
+class MeanStrategy(GatedStrategy):
+    """Weighted average of the members' next-token probabilities (UniTE/GaC union of top-k across vocabularies)."""
+
     name = "mean"
 
-    def _flags(self) -> WorkFlags:
+    def member_flags(self) -> WorkFlags:
         return WorkFlags(full=self.ctx.identical_vocab)
-
-    def first(self, seq: SequenceState) -> dict[str, WorkFlags]:
-        if seq.gate is not None:
-            return {self.ctx.main: self._flags()}
-        # A member with weight zero adds nothing to the average: it does not compute at all.
-        return {name: self._flags() for name in self.ctx.names if seq.weight(name) > 0}
-
-    def more(self, seq: SequenceState, results: dict[str, SeqResult]) -> dict[str, WorkFlags]:
-        if seq.gate is None or gate.main_is_sure(results[self.ctx.main], seq.gate):
-            return {}
-        return gate.others(self.ctx.names, self.ctx.main, self._flags())
 
     def decide(self, seq: SequenceState, results: dict[str, SeqResult], inverted: torch.Tensor | None) -> Decision:
         active = [n for n in self.ctx.names if n in results and seq.weight(n) > 0]
@@ -64,7 +56,7 @@ class MeanStrategy(Strategy):
     def _full_average(
         self, results: dict[str, SeqResult], weights: dict[str, float], forced: Candidate | None
     ) -> Decision:
-        probs = sum(weights[n] * results[n].logprobs.exp() for n in weights)  # type: ignore[union-attr]
+        probs = sum(weights[n] * _full(results[n]).exp() for n in weights)
         assert isinstance(probs, torch.Tensor)
         main = self.ctx.main
         top = torch.topk(probs, min(self.ctx.config.top_k, probs.numel()))
@@ -88,7 +80,7 @@ class MeanStrategy(Strategy):
         for name in weights:
             table, result = self.ctx.table(name), results[name]
             entries: dict[bytes, tuple[int, float]] = {}
-            for token_id, logprob in zip(result.top_ids.tolist(), result.top_logprobs.tolist(), strict=True):  # type: ignore[union-attr]
+            for token_id, logprob in zip(result.top_ids.tolist(), result.top_logprobs.tolist(), strict=True):
                 key = member_key(table, token_id)
                 if key is not None and key not in entries:
                     entries[key] = (token_id, logprob)
@@ -137,3 +129,9 @@ class MeanStrategy(Strategy):
         if token_id is not None:
             return token_id, True
         return table.first_token(key), False
+
+
+def _full(result: SeqResult) -> torch.Tensor:
+    if result.logprobs is None:
+        raise RuntimeError(f"sequence {result.seq_id}: the member returned no full distribution for mean")
+    return result.logprobs

@@ -3,6 +3,9 @@
 Starting Ray costs ~8 s, so every integration test module shares `ray_cluster`
 (8 logical CPUs on a 2-core machine: CPU counts here are scheduling slots).
 Only a cluster this fixture started is stopped by it.
+
+Every `tiny:` member the tests load (in member actors, `serve run`, `ray job submit`)
+reads a saved folder in the model cache; `tiny_folders` writes those folders first.
 """
 
 from __future__ import annotations
@@ -30,6 +33,19 @@ TINY_MEMBERS = [
     {"name": "smollm2", "model": "tiny:smollm2-135m-instruct", "num_cpus": 0.5},
     {"name": "gemma3", "model": "tiny:gemma3-270m", "num_cpus": 0.5},
 ]
+
+
+# Every tiny reference the integration tests load, placement_check.py's third member included.
+TINY_REFERENCES = ("tiny:smollm2-135m-instruct", "tiny:gemma3-270m", "tiny:smollm2-135m-instruct@1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_folders() -> None:
+    """Save the tiny models where `tiny:` references load from (kept when already current)."""
+    from consort.runtime.testing.tiny import save_tiny
+
+    for reference in TINY_REFERENCES:
+        save_tiny(reference)
 
 
 def free_port() -> int:
@@ -99,8 +115,8 @@ MAIN_MAX_CONTEXT, MAIN_MAX_TOKENS_LIMIT = 512, 128
 @pytest.fixture(scope="session")
 def openai_app(serve_http: ServeHttp) -> Iterator[str]:
     """The shared endpoint (two tiny members, mean, no API keys); yields its base URL (append /v1)."""
-    from deploy.app import ensemble_app
-    from runtime.config import parse_config
+    from consort.deploy.app import ensemble_app
+    from consort.runtime.config import parse_config
 
     config = parse_config(tiny_config(max_context=MAIN_MAX_CONTEXT, max_tokens_limit=MAIN_MAX_TOKENS_LIMIT))
     deploy(ensemble_app(config), MAIN_APP, MAIN_PREFIX)

@@ -18,7 +18,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.exceptions import RayActorError
 
-from runtime.config import parse_config
+from consort.runtime.config import parse_config
 
 TINY = ["tiny:smollm2-135m-instruct", "tiny:gemma3-270m", "tiny:smollm2-135m-instruct@1"]
 
@@ -40,17 +40,17 @@ TOKENS = 12
 
 def nodes_of(raw: dict, placement_timeout_s: float = 120.0, generate: bool = False) -> dict:
     """Where the members landed; with `generate`, also the greedy text through the coordinator."""
-    from actors.client import complete
-    from actors.coordinator import CoordinatorActor
-    from runtime.prompts import Prompt
-    from runtime.sampling import SamplingParams
+    from consort.actors.client import complete
+    from consort.actors.coordinator import CoordinatorActor
+    from consort.runtime.prompts import Prompt
+    from consort.runtime.sampling import SamplingParams
 
     actor = CoordinatorActor.remote(parse_config(raw), placement_timeout_s=placement_timeout_s)
     try:
         found = ray.get(actor.member_nodes.remote(), timeout=300)
         if generate:
             params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
-            found["text"] = asyncio.run(complete(actor, Prompt(text=PROMPT), params))[0]
+            found["text"] = asyncio.run(complete(actor, Prompt(text=PROMPT), params)).text
         return found
     finally:
         try:
@@ -61,9 +61,9 @@ def nodes_of(raw: dict, placement_timeout_s: float = 120.0, generate: bool = Fal
 
 
 def in_process_text(raw: dict) -> str:
-    from runtime.loop import EnsembleLoop
-    from runtime.prompts import Prompt
-    from runtime.sampling import SamplingParams
+    from consort.runtime.loop import EnsembleLoop
+    from consort.runtime.prompts import Prompt
+    from consort.runtime.sampling import SamplingParams
 
     loop = EnsembleLoop.from_config(parse_config(raw), device="cpu")
     params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
@@ -71,6 +71,10 @@ def in_process_text(raw: dict) -> str:
 
 
 def main() -> None:
+    from consort.runtime.testing.tiny import save_tiny
+
+    for reference in TINY:
+        save_tiny(reference)  # the member actors load these folders (kept when already saved)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
     for _ in range(2):
         cluster.add_node(num_cpus=2, num_gpus=1)

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import ray
 
-from actors.client import complete, start_coordinator, stream
-from runtime.config import parse_config
-from runtime.core import RequestOptions
-from runtime.errors import MemberLost
-from runtime.loop import EnsembleLoop
-from runtime.prompts import Prompt
-from runtime.sampling import SamplingParams
+from consort.actors.client import complete, start_coordinator, stream
+from consort.runtime.config import parse_config
+from consort.runtime.errors import MemberLost
+from consort.runtime.loop import EnsembleLoop
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import RequestOptions
 from tests.integration.conftest import tiny_config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -58,7 +58,7 @@ def run(coro: Any) -> Any:
 def test_actors_give_the_in_process_result(coordinator, local_loop, strategy: str, params: SamplingParams) -> None:
     options = RequestOptions(strategy=strategy)
     expected = [c.text for c in local_loop.generate(PROMPTS, params, options)]
-    got = [run(complete(coordinator, p, params, options))[0] for p in PROMPTS]
+    got = [run(complete(coordinator, p, params, options)).text for p in PROMPTS]
     assert got == expected
 
 
@@ -70,7 +70,7 @@ def test_concurrent_requests_are_batched_and_match_their_solo_text(coordinator, 
 
     async def all_at_once() -> list[str]:
         results = await asyncio.gather(*(complete(coordinator, p, sp, options) for p, sp in zip(prompts, params, strict=True)))
-        return [text for text, _, _ in results]
+        return [c.text for c in results]
 
     assert run(all_at_once()) == alone
     stats = ray.get(coordinator.member_stats.remote())
@@ -80,10 +80,11 @@ def test_concurrent_requests_are_batched_and_match_their_solo_text(coordinator, 
 def test_step_profile_separates_member_compute_from_the_loop(coordinator) -> None:
     before = ray.get(coordinator.member_stats.remote())
     ray.get(coordinator.step_profile.remote())
-    _, _, deltas = run(complete(coordinator, PROMPTS[0], GREEDY, RequestOptions(strategy="deepen")))
+    completion = run(complete(coordinator, PROMPTS[0], GREEDY, RequestOptions(strategy="deepen")))
     records = ray.get(coordinator.step_profile.remote())["recent"]
     after = ray.get(coordinator.member_stats.remote())
-    assert len(records) == len(deltas) == GREEDY.max_tokens
+    assert completion.finish_reason == "length"
+    assert len(records) == GREEDY.max_tokens  # one record a step, one step a token
     for record in records:
         # The loop waited for every member's reply and the inverse search after them.
         assert 0 < record["critical_member_seconds"] <= record["loop_seconds"]
@@ -116,7 +117,7 @@ def test_cancelled_requests_free_member_state(coordinator) -> None:
 
 
 def test_auto_transport_is_plain_calls_on_cpus(coordinator) -> None:
-    from actors.executors import resolve_transport
+    from consort.actors.executors import resolve_transport
 
     assert ray.get(coordinator.health.remote())["transport"] == "actor_calls"
     assert resolve_transport("auto", gpus=True) == "compiled_graph"
@@ -131,8 +132,8 @@ def test_both_transports_give_the_same_text(coordinator, config) -> None:
         params = SamplingParams(temperature=0.8, max_tokens=10, seed=3, ignore_eos=True)
         for strategy in ("mean", "deepen", "me"):
             options = RequestOptions(strategy=strategy)
-            plain = [run(complete(coordinator, p, params, options))[0] for p in PROMPTS]
-            through_graph = [run(complete(graph, p, params, options))[0] for p in PROMPTS]
+            plain = [run(complete(coordinator, p, params, options)).text for p in PROMPTS]
+            through_graph = [run(complete(graph, p, params, options)).text for p in PROMPTS]
             assert through_graph == plain and all(plain), strategy
     finally:
         ray.get(graph.shutdown.remote())
@@ -166,8 +167,8 @@ def _fault_mid_generation(config, transport: str, step_timeout_s: float, fault: 
             raise AssertionError("the request finished although a member failed")
 
         lost = run(generate_through_the_fault())
-        text, finish, _ = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy="mean")))
-        assert finish == "length" and text
+        after = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy="mean")))
+        assert after.finish_reason == "length" and after.text
         return lost
     finally:
         ray.get(actor.shutdown.remote())
@@ -201,7 +202,7 @@ def test_a_frozen_member_times_out_as_lost_and_recovers(ray_cluster, config, tra
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["actor_calls", "compiled_graph"])
 def test_real_models_through_actors_equal_the_in_process_loop(ray_cluster, transport: str) -> None:
-    from runtime.config import default_config
+    from consort.runtime.config import default_config
 
     config = parse_config({**default_config().model_dump(), "transport": transport, "members": [
         {"name": "smollm2", "model": "smollm2-135m-instruct", "num_cpus": 0.5},
@@ -217,7 +218,7 @@ def test_real_models_through_actors_equal_the_in_process_loop(ray_cluster, trans
         ]:
             options = RequestOptions(strategy=strategy)
             expected = local.generate(PROMPTS[:1], params, options)[0].text
-            assert run(complete(actor, PROMPTS[0], params, options))[0] == expected, strategy
+            assert run(complete(actor, PROMPTS[0], params, options)).text == expected, strategy
     finally:
         ray.get(actor.shutdown.remote())
         ray.kill(actor)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.jobs.eval import main
+from consort.deploy.jobs.eval import main
 from tests.integration.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,7 +80,7 @@ def test_bad_input_is_a_one_line_error(capsys, argv: list[str], message: str) ->
 
 def test_bad_input_from_the_command_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.jobs.eval", "--task", "arc_easy", "--strategies", "median"],
+        [sys.executable, "-m", "consort.deploy.jobs.eval", "--task", "arc_easy", "--strategies", "median"],
         cwd=REPO,
         env=env(),
         capture_output=True,
@@ -99,7 +99,7 @@ def test_a_killed_run_resumes_without_redoing_answered_questions(tmp_path: Path)
     command = [
         sys.executable,
         "-m",
-        "deploy.jobs.eval",
+        "consort.deploy.jobs.eval",
         "--local",
         "--config",
         str(tiny_config(tmp_path)),
@@ -220,7 +220,7 @@ def test_ray_job_submit_runs_the_eval_on_replicas(job_cluster: str, tmp_path: Pa
             "--",
             "python",
             "-m",
-            "deploy.jobs.eval",
+            "consort.deploy.jobs.eval",
             "--config",
             str(tiny_config(tmp_path)),
             "--task",
@@ -258,7 +258,7 @@ def test_ray_job_submit_runs_the_eval_on_replicas(job_cluster: str, tmp_path: Pa
 
 
 def test_consort_eval_routes_to_the_job_with_its_options(capsys) -> None:
-    from runtime.cli import main as consort
+    from consort.cli import main as consort
 
     assert consort(["eval", "--task", "nope", "--limit", "3"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

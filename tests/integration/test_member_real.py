@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from runtime import models
-from runtime.member import MemberEngine
+from consort.runtime import models
+from consort.runtime.member import MemberEngine
 
 NEW_TOKENS = 24
 PROMPTS = [

@@ -18,8 +18,8 @@ FAST_METRICS = {"look_back_period_s": 2.0, "metrics_interval_s": 0.5}
 
 @pytest.fixture(scope="module")
 def base_url(serve_http: ServeHttp) -> Iterator[str]:
-    from deploy.app import ensemble_app
-    from runtime.config import parse_config
+    from consort.deploy.app import ensemble_app
+    from consort.runtime.config import parse_config
 
     scaling = {
         "min_replicas": 1,
@@ -38,7 +38,7 @@ def _running_replicas() -> tuple[int, int]:
     """(RUNNING replicas, all replicas) of the app's deployment."""
     from ray import serve
 
-    from deploy.app import DEPLOYMENT_NAME
+    from consort.deploy.app import DEPLOYMENT_NAME
 
     deployment = serve.status().applications[APP].deployments[DEPLOYMENT_NAME]
     states = {str(k): v for k, v in deployment.replica_states.items()}

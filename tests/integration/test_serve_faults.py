@@ -25,8 +25,8 @@ KEYS = ("key-one", "key-two")
 
 @pytest.fixture(scope="module")
 def base_url(serve_http: ServeHttp) -> Iterator[str]:
-    from deploy.app import ensemble_app
-    from runtime.config import parse_config
+    from consort.deploy.app import ensemble_app
+    from consort.runtime.config import parse_config
 
     # The compiled graph, which `auto` picks only on GPUs: its member loss must reach HTTP clients too.
     config = parse_config(tiny_config(max_queue=1, max_batch=1, transport="compiled_graph"))

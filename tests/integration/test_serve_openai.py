@@ -180,7 +180,7 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
 
 
 def test_echo(client: openai.OpenAI, base_url: str) -> None:
-    from actors.coordinator import Coordinator
+    from consort.actors.coordinator import Coordinator
 
     reply = client.completions.create(
         model="consort", prompt="Echo me", max_tokens=3, temperature=0, echo=True
@@ -206,17 +206,64 @@ def test_echo(client: openai.OpenAI, base_url: str) -> None:
         assert answer.status_code == 400 and "echo is not supported" in answer.json()["error"]["message"]
 
 
-def test_a_member_name_is_that_member_alone(client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(model="gemma3", messages=CHAT, max_tokens=4, temperature=0)
-    assert reply.model == "gemma3" and reply.choices[0].finish_reason in ("stop", "length")
+# A prompt on which, greedily, each tiny member alone and their mean continue three different ways.
+FUSED_PROMPT = "A"
+
+
+def _greedy(client: openai.OpenAI, model: str = "consort", **extra: Any) -> str:
+    body = {"ignore_eos": True, **extra}
+    reply = client.completions.create(
+        model=model, prompt=FUSED_PROMPT, max_tokens=8, temperature=0, extra_body=body
+    )
+    assert reply.model == model and reply.choices[0].finish_reason == "length"
+    return reply.choices[0].text
+
+
+@pytest.fixture(scope="module")
+def alone_in_process() -> dict[str, str]:
+    """Each member's greedy text run alone in this process, from the same saved tiny weights the actors load."""
+    from consort.runtime.config import parse_config
+    from consort.runtime.loop import EnsembleLoop
+    from consort.runtime.prompts import Prompt
+    from consort.runtime.sampling import SamplingParams
+    from tests.integration.conftest import MAIN_MAX_CONTEXT, TINY_MEMBERS
+
+    texts = {}
+    for member in TINY_MEMBERS:
+        config = parse_config({"members": [member], "strategy": "mean", "max_context": MAIN_MAX_CONTEXT})
+        loop = EnsembleLoop.from_config(config, device="cpu")
+        params = SamplingParams.create(temperature=0, max_tokens=8, ignore_eos=True)
+        (completion,) = loop.generate([Prompt(text=FUSED_PROMPT)], params)
+        assert completion.finish_reason == "length"
+        texts[member["name"]] = completion.text
+    return texts
+
+
+@pytest.mark.parametrize(("member", "other"), [("smollm2", "gemma3"), ("gemma3", "smollm2")])
+def test_a_member_name_is_that_member_alone(
+    client: openai.OpenAI, alone_in_process: dict[str, str], member: str, other: str
+) -> None:
+    text = _greedy(client, member)
+    assert text == alone_in_process[member]
+    assert text != alone_in_process[other], "the members must disagree for this to show anything"
+    assert text != _greedy(client), "the ensemble's own text is not either member's"
 
 
 def test_ensemble_options_in_the_body(client: openai.OpenAI) -> None:
-    for extra in ({"strategy": "me", "weights": [1.0, 3.0]}, {"strategy": "deepen"}, {"gate": 0.5}):
-        reply = client.chat.completions.create(
-            model="consort", messages=CHAT, max_tokens=3, temperature=0, extra_body=extra
-        )
-        assert reply.choices[0].finish_reason in ("stop", "length"), extra
+    """Each option changes the greedy text the way it should (see FUSED_PROMPT)."""
+    default, smollm2, gemma3 = _greedy(client), _greedy(client, "smollm2"), _greedy(client, "gemma3")
+    assert len({default, smollm2, gemma3}) == 3, "the members and their mean must disagree here"
+    # strategy: deepen fuses otherwise than the configured mean.
+    assert _greedy(client, strategy="deepen") != default
+    assert _greedy(client, strategy="mean") == default
+    # weights: all of it on one member is that member alone, under every strategy; a skew is a third text.
+    for strategy in ({}, {"strategy": "mean"}, {"strategy": "deepen"}, {"strategy": "me"}):
+        assert _greedy(client, **strategy, weights=[0.0, 1.0]) == gemma3, strategy
+    assert _greedy(client, weights=[1.0, 0.0]) == smollm2
+    assert _greedy(client, weights=[1.0, 9.0]) not in (default, smollm2, gemma3)
+    # gate: a threshold the main member always reaches leaves it alone; one it never reaches fuses every step.
+    assert _greedy(client, gate=1e-9) == smollm2
+    assert _greedy(client, gate=1.0) == default
 
 
 def test_health_reports_members(base_url: str) -> None:

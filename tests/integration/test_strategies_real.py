@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from runtime import models
-from runtime.config import parse_config
-from runtime.core import RequestOptions
-from runtime.loop import EnsembleLoop, load_worker
-from runtime.prompts import Prompt
-from runtime.sampling import SamplingParams
+from consort.runtime import models
+from consort.runtime.config import parse_config
+from consort.runtime.loop import EnsembleLoop, load_worker
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import RequestOptions
 
 pytestmark = pytest.mark.slow
 

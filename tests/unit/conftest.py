@@ -1,18 +1,100 @@
-"""Shared fixtures: tiny random models with the real tokenizers, built once per session."""
+"""Shared fixtures: tiny random models with the real tokenizers, built once per session.
+
+The unit tests run without Ray: a unit run fails when `ray` is imported, whether by a
+test module (found after collection) or by a test (found at the end of the session).
+Tests that need Ray, even only its Python API, belong in tests/integration.
+"""
 
 from __future__ import annotations
 
+import importlib.abc
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from runtime import models
-from runtime.config import EnsembleConfig, parse_config
-from runtime.loop import EnsembleLoop, load_worker
-from runtime.tiny import build_tiny
-from runtime.vocab import TokenTable
+from consort.runtime import models
+from consort.runtime.config import EnsembleConfig, parse_config
+from consort.runtime.loop import EnsembleLoop, load_worker
+from consort.runtime.testing.tiny import build_tiny, save_tiny
+from consort.runtime.vocab import TokenTable
 
 ALIASES = ("smollm2-135m-instruct", "gemma3-270m")
+UNIT_DIR = Path(__file__).resolve().parent
+REPO = str(UNIT_DIR.parents[1]) + "/"
+
+
+class _RayImportWatch(importlib.abc.MetaPathFinder):
+    """Remembers where `ray` was first imported from; finds nothing itself."""
+
+    def __init__(self) -> None:
+        self.first: str | None = None
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname == "ray" and self.first is None:
+            stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith("<frozen")]
+            # The chain through this repository's files, and the frame that imported ray if it is not one.
+            chain = [f for f in stack if f.filename.startswith(REPO) and "/.venv/" not in f.filename]
+            if stack and (not chain or chain[-1] is not stack[-1]):
+                chain.append(stack[-1])
+            self.first = "".join(traceback.format_list(chain))
+        return None
+
+
+_RAY_WATCH = _RayImportWatch()
+sys.meta_path.insert(0, _RAY_WATCH)
+
+
+def _unit_only(items: Sequence[pytest.Item]) -> bool:
+    """Whether this session runs only unit tests (a run with integration tests imports Ray on purpose)."""
+    return all(UNIT_DIR in Path(str(item.path)).resolve().parents for item in items)
+
+
+def _ray_imported(when: str) -> str | None:
+    if "ray" not in sys.modules:
+        return None
+    where = (
+        f"; first imported here:\n{_RAY_WATCH.first}"
+        if _RAY_WATCH.first
+        else " before tests/unit/conftest.py was loaded"
+    )
+    return (
+        f"the unit tests must run without Ray, but `ray` was imported {when}{where}\n"
+        "Import what needs Ray lazily, or move the test to tests/integration."
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.items and _unit_only(session.items):
+        problem = _ray_imported("while collecting them")
+        if problem:
+            raise pytest.UsageError(problem)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if exitstatus == pytest.ExitCode.USAGE_ERROR:
+        return  # collection already failed (for this reason or another)
+    if session.items and _unit_only(session.items):
+        problem = _ray_imported("while they ran")
+        if problem:
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.ensure_newline()
+                reporter.write_line(f"ERROR: {problem}", red=True, bold=True)
+            else:
+                sys.stderr.write(f"ERROR: {problem}\n")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_folders() -> None:
+    """The saved tiny models that `tiny:<alias>` references load (the CLI tests run them through
+    models.load); rebuilt when they are missing or were built differently from build_tiny now."""
+    for alias in ALIASES:
+        save_tiny(f"{models.TINY_PREFIX}{alias}")
 
 
 class ByAlias(dict):

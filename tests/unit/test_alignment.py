@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime import models
-from runtime.alignment import Aligner, AlignmentError, Edit, incomplete_tail
-from runtime.vocab import TokenTable
+from consort.runtime import models
+from consort.runtime.alignment import Aligner, AlignmentError, Edit, incomplete_tail
+from consort.runtime.vocab import TokenTable
 
 SMOLLM2, GEMMA = models.DEFAULT_MEMBERS
 ALIASES = [SMOLLM2, GEMMA]

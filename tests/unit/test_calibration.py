@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from deploy.jobs.eval_questions import vote_on_picks
-from runtime.calibration import (
+from consort.runtime.config import default_config, load_config
+from consort.runtime.errors import ConfigError
+from consort.runtime.evaluation.calibration import (
     GridScore,
     grid_search,
     mixture_loglik,
@@ -17,8 +18,7 @@ from runtime.calibration import (
     with_weights,
     write_config,
 )
-from runtime.config import default_config, load_config
-from runtime.errors import ConfigError
+from consort.runtime.evaluation.questions import vote_on_picks
 
 
 def test_simplex_grid_covers_the_simplex() -> None:

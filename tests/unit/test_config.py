@@ -1,7 +1,7 @@
 import pytest
 
-from runtime.config import default_config, load_config, members_config, parse_config
-from runtime.errors import ConfigError
+from consort.runtime.config import default_config, load_config, members_config, parse_config
+from consort.runtime.errors import ConfigError
 
 MEMBERS = [{"name": "a", "model": "tiny:smollm2-135m-instruct"}, {"name": "b", "model": "tiny:gemma3-270m"}]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from deploy.jobs.eval_report import markdown_table, sign_test, summarize
+from consort.runtime.evaluation.report import markdown_table, sign_test, summarize
 
 
 def record(qid: str, members: dict[str, bool], strategies: dict[str, bool]) -> dict[str, Any]:

@@ -8,8 +8,11 @@ made from schemas instead:
   would let a misspelt field through and KubeRay would silently ignore it);
 - the pod templates inside them, and plain Kubernetes objects, with kubernetes-validate;
 - every overlay rendered with `kubectl kustomize`;
-- serveConfigV2 with Ray Serve's own schema, and its import path built into an Application;
-- Ray versions (images, rayVersion, Dockerfile) against the installed ray.
+- Ray versions (images, rayVersion, Dockerfile) against the installed ray (read from its
+  package metadata: the unit tests run without importing Ray).
+
+serveConfigV2 checked with Ray Serve's own schema, and its import path built into an
+Application, need Ray's Python API: tests/integration/test_k8s_serve.py does that.
 
 The KubeRay CRDs are data beside the repository (../shared/kuberay-crds, or the folder named
 by CONSORT_KUBERAY_CRDS), never copied into it.
@@ -28,18 +31,18 @@ import shutil
 import subprocess
 import sys
 import tomllib
-import typing
 from collections.abc import Iterator
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-import ray
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
+RAY_VERSION = installed_version("ray")  # the installed Ray, without importing it
 # Kubernetes versions the plain objects must be valid for: an old one still in wide use and
 # the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.29.0", "latest")
@@ -452,7 +455,7 @@ def test_workers_can_hold_the_autoscaling_range(source: str) -> None:
     """Serve autoscales whole ensembles, each needing its members' CPUs, and on GPU one GPU
     and one model slot per member. The worker group's bounds must hold min_replicas
     ensembles at rest and max_replicas at peak, or scaling stalls with pending bundles."""
-    from runtime.config import parse_config
+    from consort.runtime.config import parse_config
 
     for doc in (d for d in docs_of(source) if d["kind"] == "RayService"):
         assert cluster_spec(doc).get("enableInTreeAutoscaling") is True
@@ -546,7 +549,7 @@ def test_rayjob_writes_results_to_its_volume() -> None:
 def test_rayjob_task_exists() -> None:
     """The RayJob's --task is one of the packaged tasks."""
     registry = pytest.importorskip(
-        "runtime.tasks.registry", reason="runtime/tasks/registry.py not written yet"
+        "consort.runtime.evaluation.registry", reason="runtime/evaluation/registry.py not written yet"
     )
     for doc in (d for d in all_file_docs() if d["kind"] == "RayJob"):
         argv = shlex.split(doc["spec"]["entrypoint"])
@@ -555,14 +558,14 @@ def test_rayjob_task_exists() -> None:
 
 
 def test_eval_entrypoint_flags_exist() -> None:
-    """The RayJob's flags are ones deploy.jobs.eval accepts (skipped until it exists)."""
-    if importlib.util.find_spec("deploy.jobs.eval") is None:
+    """The RayJob's flags are ones consort.deploy.jobs.eval accepts (skipped until it exists)."""
+    if importlib.util.find_spec("consort.deploy.jobs.eval") is None:
         pytest.skip("deploy/jobs/eval.py does not exist yet")
     (job,) = [d for d in all_file_docs() if d["kind"] == "RayJob"]
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "deploy.jobs.eval"], argv
+    assert argv[:3] == ["python", "-m", "consort.deploy.jobs.eval"], argv
     result = subprocess.run(
-        [sys.executable, "-m", "deploy.jobs.eval", "--help"],
+        [sys.executable, "-m", "consort.deploy.jobs.eval", "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -571,7 +574,7 @@ def test_eval_entrypoint_flags_exist() -> None:
     )
     assert result.returncode == 0, result.stderr
     for flag in (a for a in argv if a.startswith("--")):
-        assert flag in result.stdout, f"deploy.jobs.eval has no {flag}"
+        assert flag in result.stdout, f"consort.deploy.jobs.eval has no {flag}"
 
 
 # --------------------------------------------------------------------------- monitoring
@@ -737,40 +740,6 @@ def ensemble_config(service: Doc) -> Doc:
     return app["args"]["config"]
 
 
-def _models_in(annotation: Any) -> Iterator[type]:
-    """Pydantic model classes inside a field annotation (Optional[X], List[X], X)."""
-    from pydantic import BaseModel
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        yield annotation
-    if typing.get_origin(annotation) is dict:
-        return  # free-form maps (args, runtime_env) are checked elsewhere or not at all
-    for arg in typing.get_args(annotation):
-        yield from _models_in(arg)
-
-
-def unknown_keys(model: type, data: Any, where: str) -> list[str]:
-    """Keys that a pydantic model does not define, recursively.
-
-    Ray Serve's deploy schema accepts unknown keys on purpose (older Serve versions ignore
-    newer options), so a misspelt option would be dropped without a word.
-    """
-    if not isinstance(data, dict):
-        return []
-    fields = model.model_fields
-    known = set(fields) | {f.alias for f in fields.values() if f.alias}
-    problems = [f"{where}.{key}" for key in data if key not in known]
-    for name, field in fields.items():
-        value = data.get(field.alias, data.get(name)) if field.alias else data.get(name)
-        for sub in _models_in(field.annotation):
-            items = value if isinstance(value, list) else [value]
-            for i, item in enumerate(items):
-                problems += unknown_keys(
-                    sub, item, f"{where}.{name}" + (f"[{i}]" if isinstance(value, list) else "")
-                )
-    return problems
-
-
 SERVICE_SOURCES = [s for s in SOURCES if "rayservice" in s or s.startswith("overlay:")]
 
 
@@ -779,29 +748,9 @@ def services_of(source: str) -> list[Doc]:
 
 
 @pytest.mark.parametrize("source", SERVICE_SOURCES)
-def test_serve_config_parses_with_serve_schema(source: str) -> None:
-    from ray.serve.schema import ServeDeploySchema
-
-    from runtime.config import parse_config
-
-    services = services_of(source)
-    assert services
-    for service in services:
-        raw = serve_config(service)
-        schema = ServeDeploySchema.model_validate(raw)
-        assert not unknown_keys(ServeDeploySchema, raw, "serveConfigV2")
-        (app,) = schema.applications
-        assert app.import_path == "deploy.app:build_app"
-        config = parse_config(app.args["config"])  # EnsembleConfig forbids unknown keys itself
-        # Serve's route prefix is the one that counts; keep the ensemble's own in step.
-        assert app.route_prefix == config.serving.route_prefix
-        assert schema.http_options.port == 8000
-
-
-@pytest.mark.parametrize("source", SERVICE_SOURCES)
 def test_serve_config_serves_the_default_ensemble(source: str) -> None:
     """The deployed ensemble is the repository's default one (ensemble.yaml)."""
-    from runtime.config import load_config, parse_config
+    from consort.runtime.config import load_config, parse_config
 
     default = load_config(REPO / "ensemble.yaml")
     for service in services_of(source):
@@ -814,65 +763,8 @@ def test_serve_config_serves_the_default_ensemble(source: str) -> None:
         )
 
 
-@pytest.mark.parametrize("source", SERVICE_SOURCES)
-def test_serve_import_path_builds_application(source: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Needs deploy/app.py: does what Serve's controller does with serveConfigV2.
-
-    Import the builder, call it with the args, build the application graph, then check that
-    the placement group one replica reserves fits the pods this manifest makes: each bundle
-    in one pod, min_replicas ensembles at rest and max_replicas at full scale.
-
-    The builder asks the running cluster what it has (GPUs, model slots). Serve builds on the
-    target cluster, so stand in for it with the one this manifest describes at full scale,
-    rather than starting a local Ray that would see this machine instead.
-    """
-    from ray._common.utils import import_attr
-    from ray.serve import Application
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from ray.serve._private.build_app import build_app
-    from ray.serve.schema import ServeDeploySchema
-
-    if importlib.util.find_spec("deploy.app") is None:
-        pytest.fail("deploy/app.py does not exist: serveConfigV2's deploy.app:build_app cannot build")
-    for service in services_of(source):
-        at_peak = cluster_offer(service, "maxReplicas")
-        at_rest = cluster_offer(service, "minReplicas")
-        pods = [pod_offer(g) for g in cluster_spec(service)["workerGroupSpecs"]]
-        monkeypatch.setattr(ray, "is_initialized", lambda: True)
-        monkeypatch.setattr(ray, "cluster_resources", lambda at_peak=at_peak: dict(at_peak))
-
-        (app,) = ServeDeploySchema.model_validate(serve_config(service)).applications
-        built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
-        assert isinstance(built, Application), type(built)
-        graph = build_app(built, name=app.name, route_prefix=app.route_prefix)
-        assert graph.deployments, "the application has no deployments"
-
-        scaling = parse_ensemble(service).serving.autoscaling
-        for deployment in graph.deployments:
-            # Private, but it is what Serve hands to the placement group (Ray is pinned).
-            bundles = deployment._replica_config.placement_group_bundles or [
-                {"CPU": 1.0, **(deployment.ray_actor_options or {}).get("resources", {})}
-            ]
-            strategy = deployment._replica_config.placement_group_strategy
-            for bundle in bundles:
-                assert any(fits(bundle, pod) for pod in pods), f"{source}: bundle {bundle} fits no pod {pods}"
-            replica = {r: sum(b.get(r, 0.0) for b in bundles) for r in {r for b in bundles for r in b}}
-            if strategy == "STRICT_PACK":
-                assert any(fits(replica, pod) for pod in pods), f"{source}: {replica} fits no single pod"
-            assert fits(scaled(replica, scaling.min_replicas), at_rest), (
-                f"{source}: {replica} at rest {at_rest}"
-            )
-            assert fits(scaled(replica, scaling.max_replicas), at_peak), (
-                f"{source}: {replica} at peak {at_peak}"
-            )
-            if parse_ensemble(service).device == "cuda":
-                gpu_bundles = [b for b in bundles if b.get("GPU")]
-                assert len(gpu_bundles) == len(parse_ensemble(service).members), bundles
-                assert all(b.get("model_slot") == b["GPU"] for b in gpu_bundles), bundles
-
-
 def parse_ensemble(service: Doc) -> Any:
-    from runtime.config import parse_config
+    from consort.runtime.config import parse_config
 
     return parse_config(ensemble_config(service))
 
@@ -904,14 +796,12 @@ def python_tag() -> str:
 def test_manifest_ray_version_matches_installed_ray(source: str) -> None:
     consort_version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     for doc in ray_resources(docs_of(source)):
-        assert cluster_spec(doc)["rayVersion"] == ray.__version__, (
-            f"{source} {name_of(doc)}: rayVersion {cluster_spec(doc)['rayVersion']} != installed ray {ray.__version__}"
+        assert cluster_spec(doc)["rayVersion"] == RAY_VERSION, (
+            f"{source} {name_of(doc)}: rayVersion {cluster_spec(doc)['rayVersion']} != installed ray {RAY_VERSION}"
         )
         for container in containers(doc):
             version, py = image_ray_version(container["image"])
-            assert version == ray.__version__, (
-                f"{source}: {container['image']} is not for ray {ray.__version__}"
-            )
+            assert version == RAY_VERSION, f"{source}: {container['image']} is not for ray {RAY_VERSION}"
             assert py == python_tag(), f"{source}: {container['image']} is not for Python {python_tag()}"
             match = CONSORT_IMAGE.match(container["image"])
             if match:
@@ -923,7 +813,7 @@ def test_manifest_ray_version_matches_installed_ray(source: str) -> None:
 def test_dockerfile_ray_version_matches_installed_ray() -> None:
     text = (K8S / "Dockerfile").read_text()
     args = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, flags=re.MULTILINE))
-    assert args.get("RAY_VERSION") == ray.__version__, f"Dockerfile RAY_VERSION {args.get('RAY_VERSION')}"
+    assert args.get("RAY_VERSION") == RAY_VERSION, f"Dockerfile RAY_VERSION {args.get('RAY_VERSION')}"
     assert args.get("PYTHON_TAG") == f"py{python_tag()}"
     assert args.get("VARIANT") == "gpu"
     (base,) = re.findall(r"^FROM (\S+)", text, flags=re.MULTILINE)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from runtime.errors import InvalidRequest, PromptTooLong
-from runtime.member import MemberEngine, StepOutput, top_k_exact
-from runtime.tiny import build_tiny
+from consort.runtime.errors import InvalidRequest, PromptTooLong
+from consort.runtime.member import MemberEngine, StepOutput, top_k_exact
+from consort.runtime.testing.tiny import build_tiny
 
 ALIASES = ["smollm2-135m-instruct", "gemma3-270m"]
 ATOL = 1e-4

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from runtime import relative
-from runtime.relative import RelativeSpace
+from consort.runtime import relative
+from consort.runtime.relative import RelativeSpace
 
 
 def space() -> RelativeSpace:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from runtime.errors import InvalidRequest
-from runtime.sampling import SamplingParams, find_stop, make_generator, sample, stop_holdback
+from consort.runtime.errors import InvalidRequest
+from consort.runtime.sampling import SamplingParams, find_stop, make_generator, sample, stop_holdback
 
 
 @pytest.mark.parametrize(

@@ -7,18 +7,11 @@ from typing import Any
 
 import pytest
 
-from runtime.core import RequestOptions
-from runtime.errors import InvalidRequest
-from runtime.sampling import SamplingParams
-from runtime.scoring import (
-    GenerationRequest,
-    LoglikRequest,
-    _batches,
-    ensemble_logliks,
-    generate,
-    member_alone,
-    member_logliks,
-)
+from consort.runtime.errors import InvalidRequest
+from consort.runtime.evaluation.batches import GenerationRequest, generate, member_alone
+from consort.runtime.evaluation.logliks import LoglikRequest, _batches, ensemble_logliks, member_logliks
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import RequestOptions
 from tests.unit.conftest import make_loop
 
 SMOL, GEMMA = "smollm2-135m-instruct", "gemma3-270m"

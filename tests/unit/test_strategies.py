@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.core import RequestOptions
-from runtime.errors import ConfigError
-from runtime.fusion import REGISTRY
-from runtime.prompts import Prompt
-from runtime.sampling import SamplingParams
+from consort.runtime import fusion
+from consort.runtime.errors import ConfigError, InvalidRequest
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import RequestOptions
 from tests.unit.conftest import ALIASES, make_loop
 
-STRATEGIES = sorted(REGISTRY)
+STRATEGIES = fusion.names("token")
 PROMPTS = [Prompt(text="The capital of France is"), Prompt(messages=[{"role": "user", "content": "Count: 1, 2,"}])]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -35,34 +35,30 @@ def test_ensemble_of_a_model_with_itself_is_the_model(tiny_models, alias: str, s
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_fused_distributions_are_normalised(pair, strategy: str) -> None:
+def test_fused_distributions_are_normalised(pair, strategy: str, monkeypatch) -> None:
     core = pair.core
-    seq_id = core.add(PROMPTS[0], GREEDY, RequestOptions(strategy=strategy))
-    decisions = []
-    original = core.running.get  # capture decisions by wrapping the strategy
-
     strat = core.strategy(strategy)
     decide = strat.decide
+    decisions = []
 
     def spy(seq, results, inverted):
         decision = decide(seq, results, inverted)
         decisions.append(decision)
         return decision
 
-    strat.decide = spy  # type: ignore[method-assign]
-    try:
-        import asyncio
-
-        while core.has_work:
-            asyncio.run(core.step())
-    finally:
-        strat.decide = decide  # type: ignore[method-assign]
-    assert original is not None and seq_id
-    assert decisions
+    monkeypatch.setattr(strat, "decide", spy)
+    completion = pair.generate(PROMPTS[:1], GREEDY, RequestOptions(strategy=strategy, diagnostics=True))[0]
+    steps = completion.diagnostics
+    assert len(steps) == GREEDY.max_tokens
+    # Every step but a mid-character one (the owner of a partial byte goes on alone) is the strategy's.
+    assert len(steps) - 2 <= len(decisions) <= len(steps)
+    if strategy in ("mean", "deepen"):
+        assert any(d.fused for d in decisions)  # two different members: the average really combined them
     for decision in decisions:
         assert torch.isfinite(decision.logprobs).all()
         assert decision.logprobs.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
         assert len(decision.candidates) == decision.logprobs.numel()
+        assert len({c.key for c in decision.candidates}) == len(decision.candidates)  # one entry a piece
 
 
 @pytest.mark.parametrize("weights", [[1.0, 0.0], [0.0, 1.0]])
@@ -115,7 +111,8 @@ def test_me_draws_follow_the_weights(pair) -> None:
     ],
 )
 def test_bad_request_options(pair, options: RequestOptions, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    # The request's mistake (a 400 over HTTP), not the ensemble's configuration.
+    with pytest.raises(InvalidRequest, match=message):
         pair.core.add(PROMPTS[0], GREEDY, options)
 
 

@@ -7,26 +7,28 @@ import importlib.util
 
 import pytest
 
-from runtime.errors import ConfigError, ConsortError, InvalidRequest
-from runtime.tasks import (
+from consort.runtime.answers import (
+    cut_at_stop,
+    extract_choice_letter,
+    extract_number,
+    normalize_answer,
+    numbers_equal,
+)
+from consort.runtime.errors import ConfigError, ConsortError, InvalidRequest
+from consort.runtime.evaluation import (
     TASKS,
     GenerationQuestion,
     MultipleChoiceQuestion,
     TaskDataMissing,
     UnknownTask,
     contains_match,
-    cut_at_stop,
     exact_match,
-    extract_choice_letter,
-    extract_number,
     load_task,
-    normalize_answer,
-    numbers_equal,
     pick_choice,
     score_generation,
     score_multiple_choice,
 )
-from runtime.tasks.files import package_root, read_request_docs
+from consort.runtime.evaluation.files import package_root, read_request_docs
 
 EXPECTED_TASKS = {"arc_easy", "arc_challenge", "mmlu", "piqa", "triviaqa", "nq_open", "gsm8k"}
 

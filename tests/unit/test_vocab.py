@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from runtime import models as consort_models
-from runtime.vocab import TokenTable, VocabError, anchors, shared_bytes
+from consort.runtime import models as consort_models
+from consort.runtime.vocab import TokenTable, VocabError, anchors, shared_bytes
 
 SMOLLM2, GEMMA = consort_models.DEFAULT_MEMBERS
 ALIASES = [SMOLLM2, GEMMA]

@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
-from runtime.errors import InvalidRequest, ModelNotFound
-from runtime.vote import MiniLMEmbedder, default_embedder, select_answer
+from consort.runtime.errors import InvalidRequest, ModelNotFound
+from consort.runtime.vote import MiniLMEmbedder, default_embedder, select_answer
 
 
 class FakeEmbedder:

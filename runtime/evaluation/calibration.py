@@ -18,10 +18,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.config import EnsembleConfig, parse_config
-from runtime.errors import ConfigError
-from runtime.tasks.scoring import pick_choice
-from runtime.tasks.types import Normalization
+from consort.runtime.config import EnsembleConfig, parse_config
+from consort.runtime.errors import ConfigError
+from consort.runtime.evaluation.metrics import normalised_scores, pick_choice
+from consort.runtime.evaluation.specs import Normalization
 
 Weights = tuple[float, ...]
 CalibrationMetric = Literal["accuracy", "loglik"]
@@ -119,6 +119,21 @@ def choose(
     )
 
 
+def joint_weights(results: Sequence[CalibrationResult], metric: CalibrationMetric) -> CalibrationResult:
+    """One weight vector for several tasks: the grid point with the best mean score over them."""
+    grid = []
+    for points in zip(*(r.grid for r in results), strict=True):
+        grid.append(
+            GridScore(
+                weights=points[0].weights,
+                accuracy=sum(p.accuracy for p in points) / len(points),
+                gold_logprob=sum(p.gold_logprob for p in points) / len(points),
+                questions=sum(p.questions for p in points),
+            )
+        )
+    return choose(grid, metric=metric, task=",".join(r.task for r in results), members=results[0].members)
+
+
 def multiple_choice_score(
     weights: Sequence[float],
     choice_logprobs: Sequence[Sequence[float]],
@@ -143,22 +158,6 @@ def multiple_choice_score(
     return GridScore(
         weights=list(weights), accuracy=correct / n, gold_logprob=gold_total / n, questions=len(golds)
     )
-
-
-def normalised_scores(
-    logprobs: Sequence[float],
-    choices: Sequence[str],
-    normalization: Normalization,
-    token_counts: Sequence[int] | None = None,
-) -> list[float]:
-    """The per-choice scores `pick_choice` compares (log-likelihood, per character or per token)."""
-    if normalization == "per_char":
-        return [lp / max(len(c), 1) for lp, c in zip(logprobs, choices, strict=True)]
-    if normalization == "per_token":
-        if token_counts is None:
-            raise ConfigError("per_token normalisation needs token counts")
-        return [lp / max(n, 1) for lp, n in zip(logprobs, token_counts, strict=True)]
-    return list(logprobs)
 
 
 def with_weights(config: EnsembleConfig, weights: Sequence[float]) -> EnsembleConfig:

@@ -10,13 +10,8 @@ import string
 from itertools import zip_longest
 from pathlib import Path
 
-from runtime.tasks.files import arrow_dirs, read_arrow, read_request_docs
-from runtime.tasks.types import MultipleChoiceQuestion, Split
-
-# Tasks with no separate dev split give their last DEV_SLICE rows to dev and keep
-# the rest for eval, so the two never overlap and an eval prefix (--limit) still
-# starts where the published file starts.
-DEV_SLICE = 200
+from consort.runtime.evaluation.files import arrow_dirs, read_arrow, read_request_docs
+from consort.runtime.evaluation.specs import DEV_SLICE, MultipleChoiceQuestion, Split
 
 
 def letter_prompt(stem: str, choices: list[str]) -> str:

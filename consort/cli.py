@@ -9,9 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from runtime import models
-from runtime.config import EnsembleConfig, default_config, load_config, members_config
-from runtime.errors import ConfigError, ConsortError
+from consort.runtime import fusion, models
+from consort.runtime.config import EnsembleConfig, default_config, load_config, members_config
+from consort.runtime.errors import ConfigError, ConsortError
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import Completion, RequestOptions
 
 
 def _config_from_args(args: argparse.Namespace) -> EnsembleConfig:
@@ -34,7 +37,7 @@ def _config_from_args(args: argparse.Namespace) -> EnsembleConfig:
     if args.gate is not None:
         updates["gate"] = {"threshold": args.gate}
     if updates:
-        from runtime.config import parse_config
+        from consort.runtime.config import parse_config
 
         config = parse_config({**config.model_dump(), **updates})
     return config
@@ -55,6 +58,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_strategies(args: argparse.Namespace) -> int:
+    for name in fusion.names():
+        cls = fusion.REGISTRY[name]
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        gate = ", gate" if cls.supports_gate else ""
+        print(f"{name:10} {cls.level}-level{gate}  {summary}")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     for alias in args.aliases or list(models.DEFAULT_MEMBERS):
         path = models.prepare(alias)
@@ -63,10 +75,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from runtime.core import RequestOptions
-    from runtime.prompts import Prompt
-    from runtime.sampling import SamplingParams
-
     config = _config_from_args(args)
     params = SamplingParams.create(
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, top_p=args.top_p
@@ -74,48 +82,83 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = Prompt(messages=[{"role": "user", "content": args.prompt}]) if args.chat else Prompt(text=args.prompt)
     options = RequestOptions(diagnostics=args.json, logprobs=None)
     if args.local:
-        from runtime.loop import EnsembleLoop
+        from consort.runtime.loop import EnsembleLoop
 
         loop = EnsembleLoop.from_config(config)
         if args.json:
-            completion = loop.generate([prompt], params, options)[0]
-            _print_json(config, completion.text, completion.finish_reason, completion.prompt_tokens,
-                        completion.completion_tokens, completion.diagnostics)
+            _print_json(config, loop.generate([prompt], params, options)[0])
         else:
             for delta in loop.stream(prompt, params, options):
                 print(delta.text, end="", flush=True)
             print()
         return 0
-    from actors.client import generate_on_cluster
-
-    return generate_on_cluster(config, prompt, params, options, address=args.address, as_json=args.json)
+    return _generate_on_cluster(config, prompt, params, options, address=args.address, as_json=args.json)
 
 
-def _print_json(config: EnsembleConfig, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
-                diagnostics: list) -> None:
+def _generate_on_cluster(
+    config: EnsembleConfig,
+    prompt: Prompt,
+    params: SamplingParams,
+    options: RequestOptions,
+    *,
+    address: str | None,
+    as_json: bool,
+) -> int:
+    import asyncio
+
+    import ray
+
+    from consort.actors.client import connect, start_coordinator, stream
+
+    connect(address, min_cpus=sum(m.num_cpus for m in config.members))
+    coordinator = start_coordinator(config)
+
+    async def run() -> Completion:
+        completion = Completion()
+        async for delta in stream(coordinator, prompt, params, options):
+            if not as_json:
+                print(delta.text, end="", flush=True)
+            completion.add(delta)
+        if not as_json:
+            print()
+        return completion
+
+    try:
+        completion = asyncio.run(run())
+    finally:
+        ray.get(coordinator.shutdown.remote())
+        ray.kill(coordinator)
+    if as_json:
+        _print_json(config, completion)
+    sys.stdout.flush()
+    return 0
+
+
+def _print_json(config: EnsembleConfig, completion: Completion) -> None:
+    diagnostics = completion.diagnostics
     fused = sum(1 for d in diagnostics if d.get("fused"))
     draws: dict[str, int] = {}
     for d in diagnostics:
         if d.get("drawn"):
             draws[d["drawn"]] = draws.get(d["drawn"], 0) + 1
     print(json.dumps({
-        "text": text, "finish_reason": finish, "strategy": config.strategy,
+        "text": completion.text, "finish_reason": completion.finish_reason or "", "strategy": config.strategy,
         "members": [m.name for m in config.members], "main": config.main_member,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens},
         "fused_fraction": fused / len(diagnostics) if diagnostics else 0.0, "draws": draws,
         "steps": diagnostics,
     }, indent=2, ensure_ascii=False))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deploy.serve_cli import serve
+    from consort.deploy.serve_cli import serve
 
     config = load_config(args.config) if args.config else default_config()
     return serve(config, host=args.host, port=args.port, address=args.address)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from deploy.jobs.eval import main as eval_main
+    from consort.deploy.jobs.eval import main as eval_main
 
     return eval_main(args.rest)
 
@@ -128,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list known model aliases")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("prepare", help="convert packaged models to the local cache")
+    p = sub.add_parser("strategies", help="list the registered strategies")
+    p.set_defaults(func=cmd_strategies)
+
+    p = sub.add_parser("prepare", help="convert packaged models (or save tiny test models: tiny:<alias>[@seed]) to the local cache")
     p.add_argument("aliases", nargs="*", help=f"aliases (default: {', '.join(models.DEFAULT_MEMBERS)})")
     p.set_defaults(func=cmd_prepare)
 
@@ -137,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", help="comma-separated model references")
     p.add_argument("--weights", help="comma-separated weights for --members")
     p.add_argument("--config", help="ensemble YAML")
-    p.add_argument("--strategy", choices=["mean", "deepen", "me", "vote"])
+    p.add_argument("--strategy", choices=fusion.names())
     p.add_argument("--main", help="member whose tokenizer defines the output")
     p.add_argument("--gate", type=float, help="fuse only where the main member's top probability is below this")
     p.add_argument("--prompt", required=True)

@@ -1,11 +1,11 @@
-"""`--calibrate`: fit member weights on a task's dev split, by a grid over the weight simplex.
+"""`--calibrate`: fit member weights on a task's dev split through a backend, by a grid over the weight simplex.
 
 Two ways to score a grid point (`--calibrate-mode`):
 
 * `mixture` (default, one pass): each member's log-prob of every piece of each dev
   continuation (the main member's tokens; the main member by the fast echo path, the
   others aligned to the same text by the core, alone), then every grid point is
-  evaluated offline as the per-piece weighted mixture (`runtime.calibration.mixture_loglik`,
+  evaluated offline as the per-piece weighted mixture (`calibration.mixture_loglik`,
   `mean`'s fused probability without its per-step renormalisation). Cost: about one
   `mean` pass over the dev questions, whatever the grid's size.
 * `exact`: `mean` itself is run with every grid point's weights. Cost: one `mean`
@@ -21,8 +21,9 @@ import asyncio
 from collections.abc import Sequence
 from typing import Literal
 
-from deploy.jobs.eval_backends import Backend
-from runtime.calibration import (
+from consort.runtime.evaluation.backend import Backend
+from consort.runtime.evaluation.batches import member_alone
+from consort.runtime.evaluation.calibration import (
     CalibrationMetric,
     CalibrationResult,
     GridScore,
@@ -31,9 +32,9 @@ from runtime.calibration import (
     multiple_choice_score,
     simplex_grid,
 )
-from runtime.core import RequestOptions
-from runtime.scoring import Loglik, LoglikRequest, member_alone
-from runtime.tasks import GenerationQuestion, MultipleChoiceQuestion, Question, TaskSpec
+from consort.runtime.evaluation.logliks import Loglik, LoglikRequest
+from consort.runtime.evaluation.specs import GenerationQuestion, MultipleChoiceQuestion, Question, TaskSpec
+from consort.runtime.types import RequestOptions
 
 CalibrationMode = Literal["mixture", "exact"]
 

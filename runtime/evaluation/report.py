@@ -8,16 +8,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ConsortError
+from consort.runtime.evaluation.errors import ResultsError
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
 TABLE = "results.md"
 CHART = "results.png"
-
-
-class ResultsError(ConsortError):
-    """The output folder holds something this run cannot continue from."""
 
 
 def read_predictions(path: Path) -> dict[tuple[str, str], dict[str, Any]]:

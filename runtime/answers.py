@@ -1,7 +1,8 @@
-"""Scoring: choosing among log-likelihoods, normalising short answers, extracting numbers and letters.
+"""Answer extraction: the number, choice letter or short span a generated text answers with.
 
-Pure functions with no model and no data files, shared by the evaluation loop
-and by `runtime.vote` (which votes on the same extracted answers it scores).
+Pure functions with no model, no data files and no benchmark code. `runtime.vote`
+votes on these extracted answers; the evaluation (`runtime.evaluation.metrics`)
+scores them against gold answers.
 """
 
 from __future__ import annotations
@@ -11,54 +12,6 @@ import string
 import unicodedata
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
-
-from runtime.errors import InvalidRequest
-from runtime.tasks.types import GenerationMetric, GenerationQuestion, MultipleChoiceQuestion, Normalization
-
-# --- multiple choice -------------------------------------------------------
-
-
-def pick_choice(
-    logprobs: Sequence[float],
-    choices: Sequence[str],
-    *,
-    normalization: Normalization = "none",
-    token_counts: Sequence[int] | None = None,
-) -> int:
-    """Index of the best choice: argmax of the summed log-likelihood, optionally length-normalised.
-
-    `per_char` divides by the length of the continuation string as scored
-    (leading space included, as OLMES does); `per_token` divides by the number of
-    tokens the scoring model used, which only the caller knows. Ties go to the
-    earliest choice.
-    """
-    if len(logprobs) != len(choices) or not choices:
-        raise InvalidRequest(f"got {len(logprobs)} log-likelihoods for {len(choices)} choices")
-    if normalization == "none":
-        scores = list(logprobs)
-    elif normalization == "per_char":
-        scores = [lp / max(len(c), 1) for lp, c in zip(logprobs, choices, strict=True)]
-    elif normalization == "per_token":
-        if token_counts is None or len(token_counts) != len(choices):
-            raise InvalidRequest("per_token normalisation needs one token count per choice")
-        scores = [lp / max(n, 1) for lp, n in zip(logprobs, token_counts, strict=True)]
-    else:
-        raise InvalidRequest(f"unknown normalisation {normalization!r}; use none, per_char or per_token")
-    best = max(scores)
-    return scores.index(best)
-
-
-def score_multiple_choice(
-    question: MultipleChoiceQuestion,
-    logprobs: Sequence[float],
-    *,
-    normalization: Normalization = "none",
-    token_counts: Sequence[int] | None = None,
-) -> bool:
-    """Whether the chosen continuation is the gold one."""
-    chosen = pick_choice(logprobs, question.choices, normalization=normalization, token_counts=token_counts)
-    return chosen == question.gold
-
 
 # --- short answers (SQuAD) -------------------------------------------------
 
@@ -86,16 +39,13 @@ def first_line(text: str) -> str:
     return ""
 
 
-def exact_match(pred: str, golds: Sequence[str]) -> bool:
-    """Normalised `pred` equals a normalised gold alias. An empty prediction never matches."""
-    normalized = normalize_answer(pred)
-    return bool(normalized) and any(normalized == normalize_answer(g) for g in golds)
-
-
-def contains_match(pred: str, golds: Sequence[str]) -> bool:
-    """A normalised gold alias occurs in normalised `pred` as whole words (lenient; for chatty models)."""
-    padded = f" {normalize_answer(pred)} "
-    return any(g and f" {g} " in padded for g in (normalize_answer(x) for x in golds))
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string (the sampler may have stopped later)."""
+    cut = len(text)
+    for s in stop:
+        if s and (at := text.find(s)) != -1:
+            cut = min(cut, at)
+    return text[:cut]
 
 
 # --- numbers (GSM8K) -------------------------------------------------------
@@ -109,7 +59,8 @@ _ANSWER_IS = re.compile(r"answer\s+is", re.IGNORECASE)
 _SPACED_SIGN = re.compile(r"\s*[:=]?\s*[-−]\s+\$?\d")
 
 
-def _canonical(token: str) -> str | None:
+def canonical_number(token: str) -> str | None:
+    """A bare number ('1,234.50', '$18.00', '−3') in canonical form ('1234.5', '18', '-3'); None if it is none."""
     cleaned = token.replace(",", "").replace("$", "").replace("−", "-").strip().rstrip(".")
     try:
         value = Decimal(cleaned)
@@ -126,7 +77,7 @@ def _canonical(token: str) -> str | None:
 
 def _first_number(text: str) -> str | None:
     match = _NUMBER.search(text)
-    return _canonical(match.group()) if match else None
+    return canonical_number(match.group()) if match else None
 
 
 def extract_number(text: str) -> str | None:
@@ -151,15 +102,15 @@ def extract_number(text: str) -> str | None:
                 return f"-{found}"
             return found
     numbers = _NUMBER.findall(text)
-    return _canonical(numbers[-1]) if numbers else None
+    return canonical_number(numbers[-1]) if numbers else None
 
 
 def numbers_equal(a: str | None, b: str | None) -> bool:
     """Numeric equality of two answers, each either a bare number ('2,125', '$18.00') or text containing one."""
     if a is None or b is None:
         return False
-    left = _canonical(a) or extract_number(a)
-    right = _canonical(b) or extract_number(b)
+    left = canonical_number(a) or extract_number(a)
+    right = canonical_number(b) or extract_number(b)
     return left is not None and right is not None and Decimal(left) == Decimal(right)
 
 
@@ -200,36 +151,3 @@ def extract_choice_letter(text: str, n_choices: int) -> int | None:
             return index
     in_parens = {i for m in _PAREN_LETTER.finditer(text) if (i := _index(m.group(1), n_choices)) is not None}
     return in_parens.pop() if len(in_parens) == 1 else None
-
-
-# --- generation ------------------------------------------------------------
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` up to the first occurrence of any stop string (the sampler may have stopped later)."""
-    cut = len(text)
-    for s in stop:
-        if s and (at := text.find(s)) != -1:
-            cut = min(cut, at)
-    return text[:cut]
-
-
-def score_generation(
-    question: GenerationQuestion, output: str, *, metric: GenerationMetric | None = None
-) -> bool:
-    """Whether a generated `output` answers `question`.
-
-    Number questions compare `extract_number(output)` with the gold number. Span
-    questions compare the output's first line by `exact_match` (the default) or
-    `contains_match`.
-    """
-    output = cut_at_stop(output, question.stop)
-    if question.answer_kind == "number":
-        if metric not in (None, "number_match"):
-            raise InvalidRequest(f"a number question is scored by number_match, not {metric!r}")
-        return any(numbers_equal(extract_number(output), gold) for gold in question.answers)
-    if metric == "contains":
-        return contains_match(output, question.answers)
-    if metric in (None, "exact_match"):
-        return exact_match(first_line(output), question.answers)
-    raise InvalidRequest(f"a span question is scored by exact_match or contains, not {metric!r}")

