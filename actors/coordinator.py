@@ -35,6 +35,7 @@ from consort.runtime.types import Delta, MemberInfo, RequestOptions, TokenLogpro
 log = logging.getLogger(__name__)
 
 MEMBER_RESTARTS = 3
+HEALTH_STATS_WAIT_S = 0.3  # how long /health waits for the members' own counters before using the last ones
 PROFILE_RECENT_STEPS = 4096  # per-step records kept for `step_profile`; bounded, nobody may ever read them
 
 
@@ -84,6 +85,9 @@ class Coordinator:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._profile = StepProfile()
+        self._last_stats: dict[str, dict[str, Any]] = {}
+        self._recovery: asyncio.Task[None] | None = None
+        self.last_recovery_s: float | None = None  # how long the last restore of lost members took
 
     # -- members -------------------------------------------------------------------------------
     def _start_member(self, name: str) -> Any:
@@ -143,8 +147,31 @@ class Coordinator:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    def _check_capacity(self) -> None:
-        if len(self.core.waiting) >= self.config.max_queue:
+    def _check_available(self) -> None:
+        """While a lost member is being restored, new requests fail at once (503, Retry-After)."""
+        if self.executor.lost:
+            self._start_recovery()
+            name = sorted(self.executor.lost)[0]
+            raise MemberLost(name, "it is being restarted")
+
+    def _start_recovery(self) -> None:
+        """Restore lost members now, in the background: not when the next request happens to arrive."""
+        if self.executor.lost and (self._recovery is None or self._recovery.done()):
+            self._recovery = asyncio.get_running_loop().create_task(self._recover_in_background())
+
+    async def _recover_in_background(self) -> None:
+        started = time.monotonic()
+        try:
+            await self._recover()
+        except MemberLost as error:
+            log.error("recovery failed (the next request tries again): %s", error)
+            return
+        self.last_recovery_s = time.monotonic() - started
+        log.warning("ensemble recovered in %.1f s", self.last_recovery_s)
+
+    def _check_capacity(self, needed: int = 1) -> None:
+        """All of a request's sequences fit in the queue, or none is admitted (a vote needs one per answer)."""
+        if len(self.core.waiting) + needed > self.config.max_queue:
             self.metrics.errors.inc(tags=self.metrics.tagged(type="overloaded"))
             raise Overloaded(f"{len(self.core.waiting)} requests are already waiting; retry shortly")
 
@@ -153,7 +180,8 @@ class Coordinator:
     ) -> AsyncIterator[Delta]:
         """Admit one sequence and stream its deltas; leaving early frees it in every member."""
         self._ensure_loop()
-        self._check_capacity()
+        self._check_available()
+        self._check_capacity(self.core.sequences_needed(options))
         seq_id = self.core.add(prompt, params, options)
         strategy = (options.strategy if options else None) or self.config.strategy
         self.metrics.requests.inc(tags=self.metrics.tagged(strategy=strategy))
@@ -165,6 +193,7 @@ class Coordinator:
     async def score(self, context: Prompt, continuation: str, options: RequestOptions | None = None) -> list[TokenLogprob]:
         """Log-probability of each piece of `continuation` (main member's tokens) after `context`, under the ensemble."""
         self._ensure_loop()
+        self._check_available()
         self._check_capacity()
         seq_id = add_scoring(self.core, context, continuation, options)
         return [lp async for delta in self._follow(seq_id, timed=False) for lp in delta.logprobs]
@@ -181,8 +210,14 @@ class Coordinator:
         if len(ids) < 2:
             return [None] * len(ids)
         head = tokenizer.decode(ids[:1])
-        scored = await self.score(Prompt(text=head), prompt_text[len(head) :], options)
-        return [None, *scored]
+        self._ensure_loop()
+        self._check_available()
+        self._check_capacity()
+        # One forward per member where that is exact; else piece by piece, like any scored text.
+        seq_id = self.core.add_echo(head, prompt_text[len(head) :], options)
+        if seq_id is None:
+            return [None, *await self.score(Prompt(text=head), prompt_text[len(head) :], options)]
+        return [None, *[lp async for delta in self._follow(seq_id, timed=False) for lp in delta.logprobs]]
 
     async def _follow(self, seq_id: str, *, timed: bool) -> AsyncIterator[Delta]:
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
@@ -245,10 +280,11 @@ class Coordinator:
 
     async def _step_once(self) -> None:
         if self.executor.lost:
-            try:
-                await self._recover()
-            except MemberLost as error:
-                self._fail_running(error, waiting_too=True)
+            self._start_recovery()
+            assert self._recovery is not None
+            await asyncio.shield(self._recovery)
+            if self.executor.lost:
+                self._fail_running(MemberLost(sorted(self.executor.lost)[0], "it could not be restarted"), waiting_too=True)
                 return
         self.metrics.queue_depth.set(len(self.core.waiting), tags=self.metrics.tags)
         self.executor.take_compute()  # a failed step's leftovers must not count towards this one
@@ -257,6 +293,7 @@ class Coordinator:
             deltas = await self.core.step()
         except MemberLost as error:
             self._fail_running(error)
+            self._start_recovery()
             return
         except Exception as error:
             log.exception("ensemble step failed")
@@ -267,7 +304,7 @@ class Coordinator:
         for delta in deltas:
             queue = self._queues.get(delta.seq_id)
             if queue is not None:
-                queue.put_nowait(delta)
+                queue.put_nowait(delta.error if delta.error is not None else delta)
 
     def _fail_running(self, error: BaseException, *, waiting_too: bool = False) -> None:
         """Fail the requests a broken step held (and the waiting ones): each caller gets `error`."""
@@ -305,12 +342,48 @@ class Coordinator:
         return dict(zip(names, nodes, strict=True))
 
     async def health(self) -> dict[str, Any]:
+        """Whether every member is alive, without waiting behind the work (a probe must answer in < 1 s).
+
+        Liveness comes from Ray's actor table (GCS), not from the members, whose calls queue
+        behind their steps; their own counters are included when they answer within
+        HEALTH_STATS_WAIT_S, else the last ones they gave (`fresh: false`).
+        """
+        states = await asyncio.to_thread(self._member_states)
+        stats = await self._member_stats_within(HEALTH_STATS_WAIT_S)
+        members = {name: {**stats.get(name, {}), "state": states[name]} for name in self.actors}
         return {
-            "members": await self.member_stats(),
+            "ready": all(state == "ALIVE" for state in states.values()) and not self.executor.lost,
+            "members": members,
+            "recovering": sorted(self.executor.lost),
             "waiting": len(self.core.waiting),
             "running": len(self.core.running),
             "transport": self.transport,
         }
+
+    def _member_states(self) -> dict[str, str]:
+        """Each member actor's state in Ray's actor table: ALIVE, RESTARTING, DEAD, ... (one GCS query)."""
+        from ray._private import state as ray_state  # the GCS actor table; ray.util.state needs the dashboard
+
+        states = {}
+        for name, actor in self.actors.items():
+            entry = ray_state.actors(actor_id=actor._actor_id.hex())
+            states[name] = str(entry.get("State", "UNKNOWN")) if entry else "UNKNOWN"
+        return states
+
+    async def _member_stats_within(self, timeout_s: float) -> dict[str, dict[str, Any]]:
+        names = list(self.actors)
+        calls = {name: asyncio.ensure_future(self._stats_of(name)) for name in names}
+        await asyncio.wait(calls.values(), timeout=timeout_s)
+        for name, call in calls.items():
+            if call.done() and call.exception() is None:
+                self._last_stats[name] = {**call.result(), "fresh": True}
+            else:
+                call.cancel()
+                self._last_stats[name] = {**self._last_stats.get(name, {}), "fresh": False}
+        return dict(self._last_stats)
+
+    async def _stats_of(self, name: str) -> dict[str, Any]:
+        return await self.actors[name].stats.remote()
 
     def step_profile(self) -> dict[str, Any]:
         """Where each step since the last call spent its time, one record a step (benchmarks); starts afresh."""

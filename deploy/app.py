@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import ActorDiedError, RayActorError
@@ -29,8 +30,22 @@ from consort.deploy import errors
 from consort.deploy.auth import ApiKeyMiddleware
 from consort.deploy.errors import Unavailable
 from consort.deploy.metrics import CONTENT_TYPE, MetricsMirror
-from consort.deploy.openai_api import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
+from consort.deploy.openai_api import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+    event_stream,
+    served_document,
+    with_components,
+    without_422,
+)
 from consort.deploy.service import OpenAIService
+from consort.runtime import fusion
 from consort.runtime.config import EnsembleConfig, default_config, load_config, parse_config
 from consort.runtime.errors import ConfigError
 
@@ -43,6 +58,7 @@ REPLICA_BUNDLE = {"CPU": 1.0}
 HEALTH_TIMEOUT_S = 10.0
 HEALTH_RETRY_S = 2.0
 PLACEMENT_STRATEGY = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
+OVERFLOW_HEADROOM = 32  # requests a full replica still takes in, to refuse with 429 or to answer probes
 
 
 class AppArgs(BaseModel):
@@ -83,10 +99,65 @@ def resolve_config(args: AppArgs) -> EnsembleConfig:
 
 
 # -- the ingress ----------------------------------------------------------------------------------
-api = FastAPI(
+class ConsortAPI(FastAPI):
+    """FastAPI whose document shows the server: the 400 its validation errors become (not FastAPI's
+    422), and the chat stream's chunk schema (no route's response model, so FastAPI would omit it)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = with_components(without_422(super().openapi()), ChatCompletionChunk)
+        return self.openapi_schema
+
+
+def _error(description: str, retry: bool = False) -> dict[str, Any]:
+    """An error response's documentation: an ErrorResponse body (and Retry-After for 429/503)."""
+    doc: dict[str, Any] = {"model": ErrorResponse, "description": description}
+    if retry:
+        doc["headers"] = {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying.",
+                "required": True,
+                "schema": {"type": "integer"},
+            }
+        }
+    return doc
+
+
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _error("No valid API key (only when the server has keys configured)."),
+}
+_GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error(
+        "The request is invalid: a field out of range or unsupported; or beyond what JSON Schema can say, "
+        "a prompt over a member's context (code context_length_exceeded) or more sequences than the "
+        "admission queue holds (prompts × n × vote_samples, code queue_capacity_exceeded)."
+    ),
+    **_AUTH_ERRORS,
+    404: _error("The model id names neither the ensemble nor one of its members."),
+    429: _error("The ensemble's admission queue is full.", retry=True),
+    503: _error("A member is lost or restarting.", retry=True),
+}
+
+
+def _completion_ok(model: type[BaseModel], chunk: str) -> dict[int | str, dict[str, Any]]:
+    """200: the JSON body, or with `stream: true` server-sent events of `chunk` objects ending in [DONE]."""
+    return {
+        200: {
+            "description": f"A {model.__name__}; with stream=true, server-sent events: one `data: <{chunk}>` "
+            "line per chunk, an error object in-band if the stream fails after it began, then `data: [DONE]`.",
+            "content": {"text/event-stream": {"schema": event_stream(chunk)}},
+        },
+        **_GENERATION_ERRORS,
+    }
+
+
+# The document is the served one (`/openapi.json` of each replica, narrowed to its ensemble).
+api = ConsortAPI(
     title="Consort",
     description="Several language models answering as one, over the OpenAI API.",
-    responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}},
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
 )
 errors.install(api)
 api.add_middleware(ApiKeyMiddleware)
@@ -118,21 +189,57 @@ class EnsembleServer:
         self.coordinator = await asyncio.to_thread(Coordinator, self.config, in_serve_replica=True)
         self.mirror.mirror(self.coordinator.metrics)
         self.service = OpenAIService(self.coordinator, self.config)
+        self._document: dict[str, Any] | None = None
         log.info("ensemble %s ready: %s", self.config.name, ", ".join(m.name for m in self.config.members))
 
-    @api.get("/v1/models", response_model=ModelList)
+    @api.get("/v1/models", response_model=ModelList, responses=_AUTH_ERRORS)
     async def models(self) -> Response:
         return _json(self.service.models())
 
-    @api.post("/v1/completions", response_model=None)
+    @api.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses=_completion_ok(CompletionResponse, "CompletionResponse"),
+    )
     async def completions(self, body: CompletionRequest) -> Response:
         return _answer(await self.service.completions(body))
 
-    @api.post("/v1/chat/completions", response_model=None)
+    @api.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=_completion_ok(ChatCompletionResponse, "ChatCompletionChunk"),
+    )
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         return _answer(await self.service.chat(body))
 
-    @api.get("/health", response_model=None)
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Response:
+        """This ensemble's OpenAPI document (model ids, strategies, weights and limits included)."""
+        if self._document is None:
+            self._document = served_document(
+                api.openapi(),
+                ensemble=self.config.name,
+                members=[m.name for m in self.config.members],
+                strategies=fusion.names(),
+                gated=fusion.gated_names(),
+                default_strategy=self.config.strategy,
+                vote_kind=self.config.vote.kind,
+                max_tokens_limit=self.config.max_tokens_limit,
+                max_queue=self.config.max_queue,
+            )
+        root = request.scope.get("root_path", "").rstrip("/")
+        return JSONResponse({**self._document, "servers": [{"url": root or "/"}]})
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{api.title} - Swagger UI")
+
+    @api.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={503: _error("The ensemble's members do not answer, or are restarting.", retry=True)},
+    )
     async def health(self) -> Response:
         try:
             status = await asyncio.wait_for(self.coordinator.health(), HEALTH_TIMEOUT_S)
@@ -140,11 +247,18 @@ class EnsembleServer:
             raise Unavailable(
                 f"the ensemble's members do not answer ({type(error).__name__}); retry shortly"
             ) from error
+        if not status["ready"]:
+            down = {name: m["state"] for name, m in status["members"].items() if m["state"] != "ALIVE"}
+            raise Unavailable(f"members restarting or down: {down or status['recovering']}; retry shortly")
         return JSONResponse(
             {"status": "ok", "ensemble": self.config.name, "strategy": self.config.strategy, **status}
         )
 
-    @api.get("/metrics", response_model=None)
+    @api.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"description": "Prometheus text exposition format: this replica's consort_* series."}},
+    )
     async def metrics(self) -> Response:
         return Response(self.mirror.render(), media_type=CONTENT_TYPE)
 
@@ -201,8 +315,20 @@ def deployment_options(
         "placement_group_strategy": PLACEMENT_STRATEGY[config.placement],
         "ray_actor_options": {"num_cpus": REPLICA_BUNDLE["CPU"]},
         "autoscaling_config": autoscaling,
-        "max_ongoing_requests": config.serving.max_ongoing_requests,
+        "max_ongoing_requests": max_ongoing_requests(config),
     }
+
+
+def max_ongoing_requests(config: EnsembleConfig) -> int:
+    """How many requests Serve lets into one replica at once: never fewer than the coordinator can hold.
+
+    Overload must meet the coordinator's bounded queue, which answers 429 with Retry-After at once.
+    If Serve's own cap were lower than what the coordinator runs (max_batch) and queues (max_queue),
+    the surplus would wait, unbounded and silent, in Serve's queue in front of the replica, and no
+    client would ever see a 429. Past that, OVERFLOW_HEADROOM more requests get in to be refused
+    quickly, and health probes and /metrics are not stuck behind a full replica.
+    """
+    return max(config.serving.max_ongoing_requests, config.max_batch + config.max_queue + OVERFLOW_HEADROOM)
 
 
 def ensemble_app(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from consort.deploy.errors import Unsupported
+from consort.deploy.errors import QueueCapacityExceeded
 from consort.deploy.openai_api import (
     ChatCompletionRequest,
     ChatLogprobs,
@@ -20,8 +20,7 @@ from consort.runtime.errors import InvalidRequest, ModelNotFound
 from consort.runtime.prompts import ChatMessage, Prompt
 from consort.runtime.sampling import SamplingParams
 from consort.runtime.types import RequestOptions, TokenLogprob
-
-EOS_TOKEN = ""  # how the core shows an end-of-sequence token: it is not text, so it is not reported
+from consort.runtime.vote_groups import VoteStrategy
 
 
 def model_options(model: str, config: EnsembleConfig) -> RequestOptions:
@@ -55,24 +54,18 @@ def request_options(
     )
 
 
-def check_supported(request: EnsembleFields) -> None:
-    """Refuse OpenAI fields Consort cannot honour, rather than answering as if they were applied."""
-    if request.presence_penalty:
-        raise Unsupported("presence_penalty is not supported (only 0)", param="presence_penalty")
-    if request.frequency_penalty:
-        raise Unsupported("frequency_penalty is not supported (only 0)", param="frequency_penalty")
-    if request.logit_bias:
-        raise Unsupported("logit_bias is not supported", param="logit_bias")
-    if isinstance(request, CompletionRequest):
-        if request.suffix:
-            raise Unsupported("suffix is not supported", param="suffix")
-        if request.best_of is not None and request.best_of != request.n:
-            raise Unsupported("best_of is not supported (only equal to n)", param="best_of")
-    if isinstance(request, ChatCompletionRequest):
-        if request.tools:
-            raise Unsupported("tools are not supported", param="tools")
-        if request.response_format and request.response_format.get("type", "text") != "text":
-            raise Unsupported("only response_format {'type': 'text'} is supported", param="response_format")
+def check_capacity(jobs: int, options: RequestOptions, config: EnsembleConfig) -> None:
+    """Refuse a request that needs more sequences than the admission queue holds: it can never be admitted
+    whole, so a 429 would have its client retry forever; 400 says to split it."""
+    voting = (options.strategy or config.strategy) == VoteStrategy.name
+    per_job = (options.vote_samples or config.vote.samples) if voting else 1
+    needed = jobs * per_job
+    if needed > config.max_queue:
+        what = "prompts × n × vote_samples" if voting else "prompts × n"
+        raise QueueCapacityExceeded(
+            f"this request needs {needed} sequences at once ({what}); this ensemble queues at most "
+            f"{config.max_queue}: split it into smaller requests"
+        )
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -101,14 +94,8 @@ def sampling_params(
 def _message_text(message: ChatMessageIn) -> str:
     if isinstance(message.content, str):
         return message.content
-    parts = []
-    for part in message.content:
-        if part.type != "text" or part.text is None:
-            raise Unsupported(
-                f"message content part of type {part.type!r} is not supported (text only)", "messages"
-            )
-        parts.append(part.text)
-    return "".join(parts)
+    # Only text parts pass validation (ContentPart), each with its text.
+    return "".join(part.text for part in message.content)
 
 
 def chat_prompt(messages: list[ChatMessageIn]) -> Prompt:
@@ -141,23 +128,18 @@ def echo_entries(text: str, entries: list[TokenLogprob | None]) -> list[TokenLog
     return first + scored
 
 
-def _shown(entry: TokenLogprob) -> bool:
-    # An end-of-sequence token ends the text; it is not part of it, so it is not reported (as in vLLM).
-    return entry.token != EOS_TOKEN
-
-
 def completion_logprobs(entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
     """Legacy parallel lists; `offset` is the character offset of the first entry in the choice's text."""
     out = CompletionLogprobs()
     for entry in entries:
-        if not _shown(entry):
-            continue
+        # Every generated token is reported, end-of-sequence included, as vLLM does (lm-eval relies on it).
         out.tokens.append(entry.token)
         out.token_logprobs.append(entry.logprob)
         # The first prompt token of an echo has no log-prob and no alternatives: OpenAI reports null.
         out.top_logprobs.append(None if entry.logprob is None else dict(entry.top))
         out.text_offset.append(offset)
-        offset += len(entry.token)
+        if entry.data:  # an end-of-sequence token is reported but is not part of the text
+            offset += len(entry.token)
     return out
 
 
@@ -171,6 +153,5 @@ def chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
                 top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in e.top],
             )
             for e in entries
-            if _shown(e)
         ]
     )

@@ -1,14 +1,16 @@
 """Every failure leaves as an OpenAI-shaped JSON body with the right status, never FastAPI's own shapes.
 
 Consort's errors carry their HTTP status (runtime/errors.py); this module adds
-the OpenAI `code`, the Retry-After header of 429/503, and maps FastAPI's
-validation errors (422 by default) and malformed JSON to 400.
+the OpenAI `code`, the Retry-After header of 429/503, keeps Starlette's headers
+(a 405's Allow), and maps FastAPI's validation errors (422 by default) and
+malformed JSON to 400.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,8 +18,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from consort.deploy.openai_api import ErrorDetail, ErrorResponse
-from consort.runtime.errors import ConsortError, MemberLost, ModelNotFound, Overloaded, PromptTooLong
+from consort.deploy.openai_api import UNSUPPORTED, ErrorDetail, ErrorResponse
+from consort.runtime.errors import (
+    ConsortError,
+    InvalidRequest,
+    MemberLost,
+    ModelNotFound,
+    Overloaded,
+    PromptTooLong,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +47,8 @@ class Unavailable(ConsortError):
     error_type = "service_unavailable"
 
 
-class Unsupported(ConsortError):
-    """A request field Consort recognises but cannot honour."""
-
-    http_status = 400
-    error_type = "invalid_request_error"
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        self.param = param
-        super().__init__(message)
+class QueueCapacityExceeded(InvalidRequest):
+    """One request needs more sequences than the admission queue holds (400: split it, retrying cannot help)."""
 
 
 _CODES: list[tuple[type[ConsortError], str]] = [
@@ -55,7 +57,7 @@ _CODES: list[tuple[type[ConsortError], str]] = [
     (ModelNotFound, "model_not_found"),
     (Overloaded, "rate_limit_exceeded"),
     (MemberLost, "member_lost"),
-    (Unsupported, "unsupported_parameter"),
+    (QueueCapacityExceeded, "queue_capacity_exceeded"),
 ]
 
 
@@ -69,7 +71,8 @@ def error_body(error: ConsortError) -> ErrorResponse:
 
 
 def error_headers(error: ConsortError) -> dict[str, str]:
-    if isinstance(error, Overloaded | MemberLost):
+    """Retry-After on every 429 and 503: both say "not now", and clients back off by it."""
+    if error.http_status in (429, 503):
         return {"Retry-After": str(RETRY_AFTER_S)}
     return {}
 
@@ -86,23 +89,38 @@ def sse_error(error: ConsortError) -> str:
 
 
 def _plain(
-    status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    kind: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def _describe_validation(error: RequestValidationError) -> tuple[str, str | None]:
-    problems: list[str] = []
-    param: str | None = None
+# The steps pydantic adds to an error's location inside a union (`str`, `list[str]`, `constrained-str`,
+# `function-after[...]`, a model's class name): they name a type tried, not a field of the request.
+_UNION_STEP = re.compile(r"^(str|int|float|bool|none|[a-z]+\[.*\]|constrained-\w+|function-\w+\[.*\]|[A-Z]\w*)$")
+
+
+def _describe_validation(error: RequestValidationError) -> tuple[str, str | None, str | None]:
+    """(message, param, code) of a request that failed validation; the first field at fault is the param."""
+    problems: dict[str, str] = {}  # one problem a field: a union's other branches only repeat it
     for item in error.errors():
-        loc = [str(p) for p in item.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in item.get("loc", ()) if p != "body" and not _UNION_STEP.match(str(p))]
         if item.get("type") == "json_invalid":
-            return f"the request body is not valid JSON: {item.get('msg', '')}", None
+            return f"the request body is not valid JSON: {item.get('msg', '')}", None, None
         field = ".".join(loc)
-        param = param or (field or None)
-        problems.append(f"{field or 'body'}: {item.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(problems), param
+        if loc and loc[0] in UNSUPPORTED:
+            # A field Consort knows but cannot honour: say so, rather than which values the schema allows.
+            return f"{loc[0]} is not supported ({UNSUPPORTED[loc[0]]})", loc[0], "unsupported_parameter"
+        problems.setdefault(field or "body", str(item.get("msg", "invalid")).removeprefix("Value error, "))
+    # A problem inside a field explains one about the field as a whole (a list of parts is not a string).
+    deepest = {f: m for f, m in problems.items() if not any(g.startswith(f"{f}.") for g in problems)}
+    param = next((f for f in deepest if f != "body"), None)
+    return "invalid request: " + "; ".join(f"{f}: {m}" for f, m in deepest.items()), param, None
 
 
 def install(app: FastAPI) -> None:
@@ -116,17 +134,19 @@ def install(app: FastAPI) -> None:
 
     async def validation_error(_: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        message, param = _describe_validation(error)
-        return _plain(400, message, "invalid_request_error", param=param)
+        message, param, code = _describe_validation(error)
+        return _plain(400, message, "invalid_request_error", param=param, code=code)
 
     async def http_error(_: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return _plain(error.status_code, str(error.detail), kind)
+        # Starlette's own headers stay: a 405 carries Allow (RFC 9110), a 401 WWW-Authenticate.
+        return _plain(error.status_code, str(error.detail), kind, headers=error.headers)
 
     async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        # The exception and its text go to the log only; the client learns that it was not its fault.
         log.exception("unexpected error while serving a request", exc_info=error)
-        return _plain(500, f"internal error: {type(error).__name__}", "internal_error")
+        return _plain(500, "internal error; the request was not completed", "internal_error")
 
     handlers: dict[Any, Any] = {
         ConsortError: consort_error,

@@ -3,78 +3,178 @@
 Only the schema lives here (pydantic, one description per field); turning a
 request into sampling parameters and deltas into responses is `deploy/convert.py`.
 Fields OpenAI defines but Consort cannot honour are accepted at their neutral
-value and refused otherwise (`convert.unsupported`), so a client never gets a
-silently different answer. Ensemble options ride in the same body, as vLLM's
-extra fields do (`extra_body=` in the official client).
+value and refused otherwise (`UNSUPPORTED`), so a client never gets a silently
+different answer. Ensemble options ride in the same body, as vLLM's extra fields
+do (`extra_body=` in the official client).
+
+The schema is the contract: every value these models refuse is outside their
+JSON Schema and every value they admit the server accepts, cross-field rules
+included (`json_schema_extra`); what depends on the ensemble (its model ids,
+strategies, weights, limits) is added per replica by `served_document`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import copy
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic.json_schema import JsonDict, models_json_schema
 
+from consort.runtime.types import VoteKind
+
+REF = "#/components/schemas/"
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_VOTE_SAMPLES = 64
+CHOICE_LETTERS = 26  # vote kind=choice reads answers as the letters A-Z
+# Seeds are 64-bit signed (as OpenAI's); choice i and the runtime's derived streams add small offsets.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+# OpenAI fields Consort recognises but cannot honour, and the one value of each it accepts: the schema
+# admits only that value, and a request with another gets 400 unsupported_parameter naming the field.
+UNSUPPORTED = {
+    "presence_penalty": "only 0",
+    "frequency_penalty": "only 0",
+    "logit_bias": "only empty",
+    "suffix": "only empty",
+    "best_of": "only equal to n",
+    "tools": "only empty",
+    "response_format": "only {'type': 'text'}",
+}
+
+NonNegative = Annotated[float, Field(ge=0.0)]
+StopString = Annotated[str, Field(min_length=1)]
+PromptText = Annotated[str, Field(min_length=1)]
 
 
 class EnsembleFields(BaseModel):
     """Consort's per-request ensemble options and vLLM-style sampling extras, shared by both endpoints."""
 
     # OpenAI clients send fields Consort does not know (user, metadata, ...): ignore rather than fail.
-    model_config = ConfigDict(extra="ignore")
+    # Strict: a value must have its JSON type (no "5" or true for a number, no 1 for a boolean), as the
+    # schema says. JSON has no NaN or infinity; Python's parser admits them, so refuse them here.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     strategy: str | None = Field(
-        default=None, description="Ensemble strategy for this request: mean, deepen, me or vote."
+        default=None,
+        description="Ensemble strategy for this request (one of the registered strategies: mean, deepen, me, "
+        "vote); not with a single member's model id.",
     )
     vote_samples: int | None = Field(
-        default=None, ge=1, le=64, description="vote: how many complete answers to sample across the members."
+        default=None,
+        ge=1,
+        le=MAX_VOTE_SAMPLES,
+        description="vote: how many complete answers to sample across the members.",
     )
-    vote_kind: str | None = Field(
+    vote_kind: VoteKind | None = Field(
         default=None, description="vote: compare answers as number, choice, span or free text (embeddings)."
     )
     vote_choices: int | None = Field(
-        default=None, ge=2, description="vote with kind=choice: how many options the question has."
+        default=None,
+        ge=2,
+        le=CHOICE_LETTERS,
+        description="vote with kind=choice: how many options (lettered A, B, ...) the question has.",
     )
-    weights: list[float] | None = Field(
-        default=None, description="One weight per member, in config order; overrides the configured weights."
+    weights: list[NonNegative] | None = Field(
+        default=None,
+        description="One non-negative weight per member, in config order, at least one positive; overrides "
+        "the configured weights. Not with a single member's model id.",
+        json_schema_extra={"contains": {"type": "number", "exclusiveMinimum": 0}},
     )
     gate: float | None = Field(
         default=None,
-        description="Fuse only where the main member's top probability is below this (mean, deepen).",
+        gt=0.0,
+        le=1.0,
+        description="Fuse only where the main member's top probability is below this (strategies that gate: "
+        "mean, deepen). Not with a single member's model id.",
     )
     top_k: int | None = Field(
         default=None, ge=0, description="Sample among the k most likely candidates (0 = all)."
     )
     ignore_eos: bool = Field(default=False, description="Keep generating past end-of-sequence (benchmarks).")
-    presence_penalty: float = Field(default=0.0, description="Not supported; only 0 is accepted.")
-    frequency_penalty: float = Field(default=0.0, description="Not supported; only 0 is accepted.")
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="Not supported; only 0 is accepted.")
+    frequency_penalty: float = Field(
+        default=0.0, ge=0.0, le=0.0, description="Not supported; only 0 is accepted."
+    )
     logit_bias: dict[str, float] | None = Field(
-        default=None, description="Not supported; only empty is accepted."
+        default=None, max_length=0, description="Not supported; only empty is accepted."
     )
     user: str | None = Field(default=None, description="End-user id (accepted, not used).")
+
+    @field_validator("weights")
+    @classmethod
+    def _one_weight_positive(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and not any(w > 0 for w in weights):
+            raise ValueError("at least one weight must be positive")
+        return weights
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, data: Any) -> Any:
+        """JSON Schema's integer is any number without a fraction (2.0 is one); strict pydantic wants an int."""
+        if not isinstance(data, dict):
+            return data
+        integers = {
+            name
+            for name, field in cls.model_fields.items()
+            if field.annotation is int or int in get_args(field.annotation)
+        }
+        return {
+            key: int(value) if key in integers and isinstance(value, float) and value.is_integer() else value
+            for key, value in data.items()
+        }
 
 
 class StreamOptions(BaseModel):
     """Options of a streamed response."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = Field(
         default=False, description="Send a last chunk with token usage and no choices."
     )
 
 
+def _best_of_documented(schema: JsonDict) -> None:
+    """best_of in the schema: null, or 1 with n = 1 (the default some clients always send).
+
+    The server also takes best_of equal to a larger n (a no-op), but JSON Schema cannot compare two
+    fields, and enumerating every n multiplies the branches of the other cross-field rules past
+    what schema-driven generators accept; the schema therefore admits the common subset only.
+    """
+    properties: Any = schema["properties"]
+    properties["best_of"] = {
+        "anyOf": [{"type": "integer", "const": 1}, {"type": "null"}],
+        "description": properties["best_of"]["description"],
+    }
+    schema.setdefault("allOf", []).append(  # type: ignore[union-attr]
+        {
+            "if": {"required": ["best_of"], "properties": {"best_of": {"type": "integer"}}},
+            "then": {"properties": {"n": {"const": 1}}},
+        }
+    )
+
+
 class CompletionRequest(EnsembleFields):
     """POST /v1/completions."""
 
+    model_config = ConfigDict(json_schema_extra=_best_of_documented)
+
     model: str = Field(description="The ensemble's name, or one member's name to use that member alone.")
-    prompt: str | list[str] = Field(description="Text to continue; a list runs several prompts.")
-    max_tokens: int | None = Field(default=16, description="Most tokens to generate per choice.")
-    temperature: float | None = Field(
-        default=None, description="Sampling temperature; 0 is greedy (default 1)."
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
+        description="Text to continue (not empty); a list runs several prompts. Its tokens plus max_tokens "
+        "must fit every member's context (400 context_length_exceeded otherwise)."
     )
-    top_p: float | None = Field(default=None, description="Nucleus sampling mass in (0, 1] (default 1).")
+    max_tokens: int | None = Field(
+        default=16, ge=1, description="Most tokens to generate per choice (at most the ensemble's limit)."
+    )
+    temperature: float | None = Field(
+        default=None, ge=0.0, description="Sampling temperature; 0 is greedy (default 1)."
+    )
+    top_p: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1] (default 1)."
+    )
     n: int = Field(default=1, ge=1, le=MAX_N, description="Choices per prompt.")
     stream: bool = Field(default=False, description="Stream chunks as server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Options of the stream.")
@@ -85,50 +185,87 @@ class CompletionRequest(EnsembleFields):
         description="Report each token's log-prob and this many alternatives.",
     )
     echo: bool = Field(default=False, description="Prepend the prompt to the completion.")
-    stop: str | list[str] | None = Field(
-        default=None, description="Stop strings; the text ends before the first."
+    stop: StopString | list[StopString] | None = Field(
+        default=None, description="Stop strings (non-empty); the text ends before the first."
     )
-    seed: int | None = Field(default=None, description="Seed; choice i uses seed + i.")
-    suffix: str | None = Field(default=None, description="Not supported; only empty is accepted.")
-    best_of: int | None = Field(default=None, description="Not supported beyond n.")
+    seed: int | None = Field(
+        default=None, ge=SEED_MIN, le=SEED_MAX, description="Seed (64-bit); choice i uses seed + i."
+    )
+    suffix: str | None = Field(default=None, max_length=0, description="Not supported; only empty is accepted.")
+    best_of: int | None = Field(
+        default=None, description="Not supported beyond n: only null or a value equal to n is accepted."
+    )
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_equals_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of != info.data.get("n", 1):
+            raise ValueError(UNSUPPORTED["best_of"])
+        return best_of
 
 
 class ContentPart(BaseModel):
     """One part of a message's content; only text parts are supported."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    type: str = Field(description="Part type; only 'text'.")
-    text: str | None = Field(default=None, description="The text of a text part.")
+    type: Literal["text"] = Field(description="Part type; only 'text' is supported.")
+    text: str = Field(description="The text of the part.")
 
 
 class ChatMessageIn(BaseModel):
     """One turn of the conversation sent by the client."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"] = Field(description="Who speaks.")
     content: str | list[ContentPart] = Field(description="The turn's text, or a list of text parts.")
     name: str | None = Field(default=None, description="Speaker name (accepted, not used).")
 
 
+class ResponseFormat(BaseModel):
+    """The format of the answer; only plain text."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text"] = Field(default="text", description="Only 'text' is supported.")
+
+
+def _top_logprobs_needs_logprobs(schema: JsonDict) -> None:
+    """top_logprobs (a number, not null) needs logprobs: true."""
+    schema.setdefault("allOf", []).append(  # type: ignore[union-attr]
+        {
+            "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+            "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+        }
+    )
+
+
 class ChatCompletionRequest(EnsembleFields):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(json_schema_extra=_top_logprobs_needs_logprobs)
+
     model: str = Field(description="The ensemble's name, or one member's name to use that member alone.")
     messages: list[ChatMessageIn] = Field(
-        description="The conversation; each member renders it with its own template."
+        min_length=1,
+        description="The conversation; each member renders it with its own template, and it must leave "
+        "room in every member's context (400 context_length_exceeded otherwise).",
     )
     max_tokens: int | None = Field(
-        default=None, description="Most tokens per choice (default: what the context allows)."
+        default=None,
+        ge=1,
+        description="Most tokens per choice (default: what the context allows, at most the ensemble's limit).",
     )
     max_completion_tokens: int | None = Field(
-        default=None, description="Newer name of max_tokens; wins when both are set."
+        default=None, ge=1, description="Newer name of max_tokens; wins when both are set."
     )
     temperature: float | None = Field(
-        default=None, description="Sampling temperature; 0 is greedy (default 1)."
+        default=None, ge=0.0, description="Sampling temperature; 0 is greedy (default 1)."
     )
-    top_p: float | None = Field(default=None, description="Nucleus sampling mass in (0, 1] (default 1).")
+    top_p: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Nucleus sampling mass in (0, 1] (default 1)."
+    )
     n: int = Field(default=1, ge=1, le=MAX_N, description="Choices.")
     stream: bool = Field(default=False, description="Stream chunks as server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Options of the stream.")
@@ -139,16 +276,25 @@ class ChatCompletionRequest(EnsembleFields):
         le=MAX_LOGPROBS,
         description="Alternatives reported per token (needs logprobs=true).",
     )
-    stop: str | list[str] | None = Field(
-        default=None, description="Stop strings; the text ends before the first."
+    stop: StopString | list[StopString] | None = Field(
+        default=None, description="Stop strings (non-empty); the text ends before the first."
     )
-    seed: int | None = Field(default=None, description="Seed; choice i uses seed + i.")
+    seed: int | None = Field(
+        default=None, ge=SEED_MIN, le=SEED_MAX, description="Seed (64-bit); choice i uses seed + i."
+    )
     tools: list[dict[str, Any]] | None = Field(
-        default=None, description="Not supported; only empty is accepted."
+        default=None, max_length=0, description="Not supported; only empty is accepted."
     )
-    response_format: dict[str, Any] | None = Field(
-        default=None, description="Only {'type': 'text'} is accepted."
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Only {'type': 'text'} is supported."
     )
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_with_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs=true")
+        return top
 
 
 # -- responses -------------------------------------------------------------------------------------
@@ -309,3 +455,145 @@ class ErrorResponse(BaseModel):
     """The body of every error response and of an error event in a stream."""
 
     error: ErrorDetail = Field(description="The error.")
+
+
+# -- the served OpenAPI document ---------------------------------------------------------------------
+
+
+def _typed(prop: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The branch of a (possibly nullable) property's schema that has JSON type `kind`."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == kind:
+            return branch  # type: ignore[no-any-return]
+    raise KeyError(f"no {kind} branch in {prop}")
+
+
+def _absent_or_null(*fields: str) -> dict[str, Any]:
+    return {"properties": {f: {"type": "null"} for f in fields}}
+
+
+def event_stream(chunk: str) -> dict[str, Any]:
+    """The schema of one server-sent event of a stream of `chunk` objects (OpenAPI 3.1: `schema` is per event).
+
+    Its data is a JSON `chunk`, or an ErrorResponse if the stream fails after it began, and the last
+    event's data is `[DONE]`.
+    """
+    payload = {"anyOf": [{"$ref": f"{REF}{chunk}"}, {"$ref": f"{REF}ErrorResponse"}]}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "if": {"const": "[DONE]"},
+                "else": {"contentMediaType": "application/json", "contentSchema": payload},
+            }
+        },
+    }
+
+
+def with_components(document: dict[str, Any], *models: type[BaseModel]) -> dict[str, Any]:
+    """The document with `models` (and what they refer to) among its component schemas."""
+    doc = copy.deepcopy(document)
+    _, definitions = models_json_schema([(m, "serialization") for m in models], ref_template=REF + "{model}")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in definitions.get("$defs", {}).items():
+        schemas.setdefault(name, schema)
+    return doc
+
+
+def without_422(document: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents its 422 validation error; the server answers 400 with an ErrorResponse instead."""
+    doc = copy.deepcopy(document)
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return doc
+
+
+def served_document(
+    document: dict[str, Any],
+    *,
+    ensemble: str,
+    members: list[str],
+    strategies: list[str],
+    gated: list[str],
+    default_strategy: str,
+    vote_kind: str,
+    max_tokens_limit: int,
+    max_queue: int,
+) -> dict[str, Any]:
+    """The OpenAPI document of one ensemble: the request schemas narrowed to what its replica accepts.
+
+    The static schema cannot know the ensemble: which model ids exist, how many weights it takes,
+    which strategies it runs (and which of them gate), its max_tokens limit. Here they become
+    JSON Schema, cross-field rules included, so that a request the document admits is one the
+    server accepts (short of a prompt too long for a member's context, which only its tokenizer knows).
+    """
+    doc = copy.deepcopy(document)
+    schemas = doc["components"]["schemas"]
+    # The strategy that runs when a request names none (null or absent).
+    default = [default_strategy, None]
+    for name, limited in (
+        ("CompletionRequest", ("max_tokens",)),
+        ("ChatCompletionRequest", ("max_tokens", "max_completion_tokens")),
+    ):
+        schema = schemas[name]
+        props = schema["properties"]
+        props["model"]["enum"] = [ensemble, *members]
+        _typed(props["strategy"], "string")["enum"] = list(strategies)
+        weights = _typed(props["weights"], "array")
+        weights["minItems"] = weights["maxItems"] = len(members)
+        for field in limited:
+            _typed(props[field], "integer")["maximum"] = max_tokens_limit
+        # One request's sequences must fit the admission queue (prompts × n × vote_samples: a product,
+        # which JSON Schema cannot bound; each factor alone is bounded here, the rest is a 400).
+        props["n"]["maximum"] = min(props["n"]["maximum"], max_queue)
+        samples = _typed(props["vote_samples"], "integer")
+        samples["maximum"] = min(samples["maximum"], max_queue)
+        if name == "CompletionRequest":
+            _typed(props["prompt"], "array")["maxItems"] = max_queue
+        rules: list[dict[str, Any]] = schema.setdefault("allOf", [])
+        # A member's own id is that member alone: no strategy, weights or gate.
+        rules.append(
+            {
+                "if": {"required": ["model"], "properties": {"model": {"enum": members}}},
+                "then": _absent_or_null("strategy", "weights", "gate"),
+            }
+        )
+        # A gate needs a strategy that gates.
+        gate_given = {"required": ["gate"], "properties": {"gate": {"type": "number"}}}
+        if default_strategy in gated:
+            gate_then = {"properties": {"strategy": {"enum": [*gated, None]}}}
+        else:
+            gate_then = {"required": ["strategy"], "properties": {"strategy": {"enum": gated}}}
+        rules.append({"if": gate_given, "then": gate_then})
+        # Voting on choice letters needs the number of choices.
+        voting = (
+            {"properties": {"strategy": {"enum": default}}}
+            if default_strategy == "vote"
+            else {"required": ["strategy"], "properties": {"strategy": {"const": "vote"}}}
+        )
+        kind = {"properties": {"vote_kind": {"enum": ["choice", *([None] if vote_kind == "choice" else [])]}}}
+        if vote_kind != "choice":
+            kind["required"] = ["vote_kind"]
+        rules.append(
+            {
+                "if": {"allOf": [voting, kind]},
+                "then": {"required": ["vote_choices"], "properties": {"vote_choices": {"type": "integer"}}},
+            }
+        )
+    return doc
+
+
+class HealthResponse(BaseModel):
+    """GET /health when the ensemble answers; the coordinator's own status fields follow these."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok"] = Field(description="Always 'ok' (a replica that cannot serve answers 503).")
+    ensemble: str = Field(description="The ensemble's name (its model id).")
+    strategy: str = Field(description="The ensemble's default strategy.")

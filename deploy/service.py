@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from consort.deploy import convert
-from consort.deploy.errors import Unsupported, sse_error
+from consort.deploy.errors import sse_error
 from consort.deploy.openai_api import (
     ChatChoice,
     ChatChunkChoice,
@@ -34,7 +34,7 @@ from consort.deploy.openai_api import (
 )
 from consort.deploy.streams import Engine, Job, Primed, collect, merge, prime_all
 from consort.runtime.config import EnsembleConfig
-from consort.runtime.errors import ConsortError
+from consort.runtime.errors import ConsortError, InvalidRequest
 from consort.runtime.prompts import Prompt
 from consort.runtime.types import Completion, RequestOptions, TokenLogprob
 
@@ -53,9 +53,10 @@ async def guarded(events: AsyncIterator[str]) -> AsyncIterator[str]:
     except ConsortError as error:
         log.warning("stream failed: %s", error)
         yield sse_error(error)
-    except Exception as error:  # the response has begun: report in-band rather than cut the stream
+    except Exception:  # the response has begun: report in-band rather than cut the stream
+        # The exception's text stays in the log: it is the server's business, not the client's.
         log.exception("stream failed unexpectedly")
-        yield sse_error(ConsortError(f"internal error: {type(error).__name__}: {error}"))
+        yield sse_error(ConsortError("internal error; the stream ended early"))
     yield DONE
 
 
@@ -84,9 +85,9 @@ class OpenAIService:
 
     # -- completions ---------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
-        convert.check_supported(request)
         options = convert.request_options(request, request.model, self.config, request.logprobs)
         prompts = convert.completion_prompts(request.prompt)
+        convert.check_capacity(len(prompts) * request.n, options, self.config)
         jobs = [
             Job(p * request.n + i, prompt, convert.sampling_params(request, request.max_tokens, i), options)
             for p, prompt in enumerate(prompts)
@@ -166,12 +167,18 @@ class OpenAIService:
 
     # -- chat ----------------------------------------------------------------------------------
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
-        convert.check_supported(request)
+        # top_logprobs without logprobs is refused by the request's validation.
         top = (request.top_logprobs or 0) if request.logprobs else None
-        if request.top_logprobs is not None and not request.logprobs:
-            raise Unsupported("top_logprobs needs logprobs=true", param="top_logprobs")
         options = convert.request_options(request, request.model, self.config, top)
         prompt = convert.chat_prompt(request.messages)
+        convert.check_capacity(request.n, options, self.config)
+        for name in ("max_tokens", "max_completion_tokens"):
+            # The one that wins is checked again at admission; the other must not be out of range either.
+            value = getattr(request, name)
+            if value is not None and value > self.config.max_tokens_limit:
+                raise InvalidRequest(
+                    f"{name}={value} is above this ensemble's limit of {self.config.max_tokens_limit}"
+                )
         max_tokens = (
             request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         )

@@ -74,12 +74,24 @@ async def _prime(engine: Engine, job: Job) -> Primed:
 
 
 async def prime_all(engine: Engine, jobs: list[Job]) -> list[Primed]:
-    """Start every job at once (they batch together); if one fails, close the others and raise its error."""
+    """Start every job at once (they batch together); if one fails, stop the others and raise its error.
+
+    The first failure ends the wait: a job still waiting for its first delta (a vote's comes only when
+    all its answers are done) is cancelled rather than awaited, so an overloaded request gets its 429
+    at once and the sequences already admitted for it are freed instead of run to their end.
+    """
     if len(jobs) == 1:
         return [await _prime(engine, jobs[0])]
-    results = await asyncio.gather(*(_prime(engine, j) for j in jobs), return_exceptions=True)
-    started = [r for r in results if isinstance(r, Primed)]
-    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    tasks = [asyncio.create_task(_prime(engine, j)) for j in jobs]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        # Reached with tasks pending only on a failure (or when this request itself is cancelled).
+        for task in tasks:
+            task.cancel()  # a pending prime closes its stream as it unwinds, which frees its sequence
+        await asyncio.gather(*tasks, return_exceptions=True)
+    failure = next((t.exception() for t in tasks if not t.cancelled() and t.exception() is not None), None)
+    started = [t.result() for t in tasks if not t.cancelled() and t.exception() is None]
     if failure is not None:
         await asyncio.gather(*(p.aclose() for p in started))
         raise failure

@@ -110,7 +110,15 @@ class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
-    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests one replica accepts at once.")
+    max_ongoing_requests: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Requests Serve hands one replica at once; raised to at least max_batch + max_queue + 32, so "
+            "that requests beyond the bounded queue reach the coordinator and get a 429 instead of waiting "
+            "in Serve's unbounded queue."
+        ),
+    )
     route_prefix: str = Field(default="/", description="HTTP route prefix of the OpenAI app.")
 
 

@@ -10,7 +10,10 @@ executor runs the members.
 from __future__ import annotations
 
 import codecs
+import functools
 import itertools
+import logging
+import math
 import time
 import uuid
 from collections import defaultdict, deque
@@ -22,7 +25,7 @@ import torch
 
 from consort.runtime import fusion
 from consort.runtime.config import EnsembleConfig
-from consort.runtime.errors import InvalidRequest, PromptTooLong
+from consort.runtime.errors import InvalidRequest, PromptTooLong, SequenceFailed
 from consort.runtime.fusion.base import (
     EOS_KEY,
     Candidate,
@@ -47,6 +50,8 @@ from consort.runtime.types import (
 )
 from consort.runtime.vocab import anchors
 from consort.runtime.vote_groups import VoteGroups
+
+log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -100,6 +105,19 @@ class SequenceState:
 
 
 @dataclass
+class EchoState:
+    """`echo` of a prompt scored in one forward per member: each member runs its prefill over the
+    context and the continuation's tokens and reports the log-prob at every position."""
+
+    seq_id: str
+    members: dict[str, float]  # the members that score, with their normalised weights
+    context_ids: list[int]  # the first token of the text, as a prompt (BOS and all)
+    continuation_ids: list[int]  # the scored tokens (one tokenizer: the ensemble's, or the member's alone)
+    table: Any
+    top_n: int
+
+
+@dataclass
 class StepStats:
     """What one step did, for metrics and benchmarks."""
 
@@ -143,6 +161,7 @@ class EnsembleCore:
         self.waiting: deque[SequenceState] = deque()
         self.running: dict[str, SequenceState] = {}
         self.votes = VoteGroups()
+        self.echoes: list[EchoState] = []
         self.last_stats = StepStats()
         self._counter = itertools.count()
         # Sequences each member may free: sent with that member's next call, not in a round of their own.
@@ -229,6 +248,13 @@ class EnsembleCore:
         self.waiting.append(seq)
         return seq.seq_id
 
+    def sequences_needed(self, options: RequestOptions | None) -> int:
+        """How many sequences a request occupies: one, or one per answer for an answer-level strategy."""
+        options = options or RequestOptions()
+        if self.strategy(options.strategy or self.default_strategy).level == "answer":
+            return options.vote_samples or self.config.vote.samples
+        return 1
+
     def prompt_tokens(self, seq_id: str) -> int:
         """The request's prompt length in the main member's tokens (as usage reports it)."""
         if seq_id in self.votes:
@@ -250,7 +276,42 @@ class EnsembleCore:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.echoes)
+
+    def add_echo(self, context: str, continuation: str, options: RequestOptions | None = None) -> str | None:
+        """Queue the scoring of `continuation` after `context` in ONE forward per member, where that is
+        exact: one member scoring alone, or `mean` over members that share one vocabulary (the
+        average of their log-probs of the same token). None: this ensemble must score piece by piece
+        (different vocabularies, deepen), as `scoring.add_scoring` does.
+        """
+        options = options or RequestOptions()
+        scored_as = fusion.strategy_class(options.strategy or self.default_strategy).scoring_strategy()
+        weights = self.resolve_weights(options.weights)
+        active = {n: w for n, w in weights.items() if w > 0}
+        if len(active) > 1 and not (scored_as == "mean" and self.ctx.identical_vocab):
+            return None
+        total = sum(active.values())
+        scorer = next(iter(active))  # the ensemble's tokens are the main member's; with one vocabulary they agree
+        if len(active) > 1:
+            scorer = self.ctx.main
+        tokenizer = self.members[scorer].tokenizer
+        continuation_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if not continuation_ids:
+            raise InvalidRequest("the continuation to score is empty")
+        state = EchoState(
+            seq_id=self.new_id("echo"),
+            members={n: w / total for n, w in active.items()},
+            context_ids=prompt_ids(tokenizer, Prompt(text=context)),
+            continuation_ids=continuation_ids,
+            table=self.ctx.table(scorer),
+            top_n=max(options.logprobs or 0, 1),
+        )
+        for name in state.members:
+            limit = self.ctx.max_context[name]
+            if len(state.context_ids) + len(continuation_ids) > limit:
+                raise PromptTooLong(f"the prompt is over member {name!r}'s context of {limit} tokens; shorten it")
+        self.echoes.append(state)
+        return state.seq_id
 
     # -- leaving -------------------------------------------------------------------------------
     def _drop(self, seq_ids: set[str]) -> None:
@@ -293,6 +354,80 @@ class EnsembleCore:
 
     # -- the step ------------------------------------------------------------------------------
     async def step(self) -> list[Delta]:
+        echoed = await self._echo() if self.echoes else []
+        return echoed + await self._step_sequences()
+
+    async def _echo(self) -> list[Delta]:
+        """Every queued echo in one round: one forward per member over the whole text."""
+        echoes, self.echoes = self.echoes, []
+        works: dict[str, list[SeqWork]] = defaultdict(list)
+        for echo in echoes:
+            for name in echo.members:
+                works[name].append(
+                    SeqWork(
+                        seq_id=echo.seq_id,
+                        prompt_ids=echo.context_ids + echo.continuation_ids,
+                        echo=True,
+                        # Alone, the alternatives asked for are exact; fused, a few more per member
+                        # let a token that is second for both come out first. Every extra one costs
+                        # a top-k over the vocabulary at each position (262k rows for Gemma).
+                        echo_top_k=echo.top_n if len(echo.members) == 1 else echo.top_n + 4,
+                    )
+                )
+        release = {m: self._unreleased.pop(m) for m in works if self._unreleased.get(m)}
+        replies = await self.executor.step(works, release)
+        by_echo: dict[str, dict[str, SeqResult]] = defaultdict(dict)
+        for name, reply in replies.items():
+            for result in reply.results:
+                by_echo[result.seq_id][name] = result
+            self._unreleased[name].extend(w.seq_id for w in works[name])
+        deltas = []
+        for echo in echoes:
+            try:
+                entries = self._echo_entries(echo, by_echo[echo.seq_id])
+            except Exception:  # this echo's failure is this request's alone
+                log.exception("echo %s failed", echo.seq_id)
+                deltas.append(Delta(seq_id=echo.seq_id, text="", finish_reason="error", error=SequenceFailed(echo.seq_id)))
+                continue
+            deltas.append(Delta(seq_id=echo.seq_id, text="", finish_reason="length", logprobs=entries))
+        return deltas
+
+    def _echo_entries(self, echo: EchoState, results: dict[str, SeqResult]) -> list[TokenLogprob]:
+        n = len(echo.continuation_ids)
+        fused_token = torch.zeros(n, dtype=torch.float64)
+        alternatives: list[dict[int, float]] = [defaultdict(float) for _ in range(n)]
+        for name, weight in echo.members.items():
+            result = results[name]
+            assert result.echo_logprobs is not None and result.echo_top is not None
+            # Echo reports every position after the first; the continuation is the last n of them.
+            token_logprobs = torch.tensor(result.echo_logprobs[-n:], dtype=torch.float64)
+            fused_token += weight * token_logprobs.exp()
+            top_ids, top_logprobs = (t[-n:] for t in result.echo_top)
+            for i in range(n):
+                for token_id, logprob in zip(top_ids[i].tolist(), top_logprobs[i].tolist(), strict=True):
+                    alternatives[i][token_id] += weight * math.exp(logprob)
+
+        def show(token_id: int) -> tuple[str, bytes]:
+            if token_id in echo.table.eos_ids:
+                return str(self._eos_text), b""
+            data = echo.table.token_bytes(token_id)
+            return data.decode("utf-8", errors="backslashreplace"), data
+
+        entries = []
+        for i, token_id in enumerate(echo.continuation_ids):
+            best = sorted(alternatives[i].items(), key=lambda kv: -kv[1])[: echo.top_n]
+            text, data = show(token_id)
+            entries.append(
+                TokenLogprob(
+                    token=text,
+                    data=data,
+                    logprob=math.log(max(float(fused_token[i]), 1e-300)),
+                    top=[(show(t)[0], math.log(p)) for t, p in best],
+                )
+            )
+        return entries
+
+    async def _step_sequences(self) -> list[Delta]:
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting.popleft()
             self.running[seq.seq_id] = seq
@@ -308,20 +443,44 @@ class EnsembleCore:
         started = time.perf_counter()
         deltas = []
         for seq in seqs:
-            if seq.mid_char_owner is not None:
-                owner = seq.mid_char_owner
-                decision = single_member(self.ctx, owner, results[seq.seq_id][owner], seq.forced[0] if seq.forced else None)
-            else:
-                decision = seq.strategy.decide(seq, results[seq.seq_id], inverted.get(seq.seq_id))
-            deltas.append(self._advance(seq, decision, stats))
+            try:
+                deltas.append(self._advance(seq, self._decide(seq, results, inverted), stats))
+            except Exception:  # one sequence's failure (a strategy's, the sampler's) is that sequence's alone
+                log.exception("sequence %s failed; the other %d go on", seq.seq_id, len(seqs) - 1)
+                deltas.append(self._failed(seq))
         stats.fusion_seconds += time.perf_counter() - started
         for seq in seqs:
             if seq.finish_reason is not None:
                 self._forget(self.running.pop(seq.seq_id))
         self.last_stats = stats
+        deltas = self._fail_votes(deltas)
         deltas = self.votes.collect(deltas) if self.votes else deltas
         await self.release_if_idle()
         return deltas
+
+    def _decide(
+        self, seq: SequenceState, results: dict[str, dict[str, SeqResult]], inverted: dict[str, torch.Tensor]
+    ) -> Decision:
+        if seq.mid_char_owner is not None:
+            owner = seq.mid_char_owner
+            return single_member(self.ctx, owner, results[seq.seq_id][owner], seq.forced[0] if seq.forced else None)
+        return seq.strategy.decide(seq, results[seq.seq_id], inverted.get(seq.seq_id))
+
+    def _failed(self, seq: SequenceState) -> Delta:
+        seq.finish_reason = "error"
+        return Delta(seq_id=seq.seq_id, text="", finish_reason="error", error=SequenceFailed(seq.seq_id))
+
+    def _fail_votes(self, deltas: list[Delta]) -> list[Delta]:
+        """A failed answer fails its vote: the caller gets the error, the other answers stop."""
+        out = []
+        for delta in deltas:
+            caller = self.votes.caller_of(delta.seq_id)
+            if delta.error is not None and caller != delta.seq_id:
+                self._drop({caller})
+                out.append(Delta(seq_id=caller, text="", finish_reason="error", error=SequenceFailed(caller)))
+            else:
+                out.append(delta)
+        return out
 
     def _first(self, seq: SequenceState) -> dict[str, WorkFlags]:
         if seq.mid_char_owner is not None:
@@ -467,23 +626,25 @@ class EnsembleCore:
         )
         seq.streamed = end
         seq.new_logprobs, seq.new_diagnostics = [], []
-        if seq.finish_reason:
-            delta.completion_tokens = len(
-                self.members[self.ctx.main].tokenizer(seq.text, add_special_tokens=False)["input_ids"]
-            )
         return delta
 
-    @staticmethod
-    def _token_logprob(decision: Decision, chosen: Candidate, index: int, top_n: int) -> TokenLogprob:
+    @functools.cached_property
+    def _eos_text(self) -> str:
+        """How an end-of-sequence token is shown in log-probs: the main member's own (as vLLM does)."""
+        main = self.ctx.main
+        eos_id = min(self.ctx.table(main).eos_ids)
+        return str(self.members[main].tokenizer.convert_ids_to_tokens(eos_id))
+
+    def _token_logprob(self, decision: Decision, chosen: Candidate, index: int, top_n: int) -> TokenLogprob:
         def show(data: bytes) -> str:
-            return "" if data == EOS_KEY else data.decode("utf-8", errors="backslashreplace")
+            return self._eos_text if data == EOS_KEY else data.decode("utf-8", errors="backslashreplace")
 
         order = torch.argsort(decision.logprobs, descending=True)[:top_n].tolist()
         logprob = decision.forced_logprob if index == -1 else float(decision.logprobs[index])
         assert logprob is not None
         return TokenLogprob(
             token=show(chosen.key),
-            data=chosen.key,
+            data=b"" if chosen.key == EOS_KEY else chosen.key,  # not text: it adds nothing to the answer
             logprob=logprob,
             top=[(show(decision.candidates[i].key), float(decision.logprobs[i])) for i in order],
         )

@@ -67,3 +67,22 @@ class MemberLost(ConsortError):
     def __reduce__(self) -> tuple[type[MemberLost], tuple[str, str]]:
         # Crosses process boundaries (Ray) with its fields, not its formatted message.
         return (MemberLost, (self.member, self.detail))
+
+
+class SequenceFailed(ConsortError):
+    """Generating one sequence failed inside the ensemble; that request fails, the others go on.
+
+    The message is the same whatever went wrong: the cause is logged on the server,
+    never sent to the client.
+    """
+
+    error_type = "internal_error"
+
+    def __init__(self, seq_id: str = "") -> None:
+        self.seq_id = seq_id
+        super().__init__(
+            "this request failed inside the ensemble (the cause is in the server log); other requests are unaffected"
+        )
+
+    def __reduce__(self) -> tuple[type[SequenceFailed], tuple[str]]:
+        return (SequenceFailed, (self.seq_id,))

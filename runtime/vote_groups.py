@@ -124,6 +124,8 @@ class VoteStrategy(Strategy):
             raise InvalidRequest(f"vote kind must be one of {', '.join(get_args(VoteKind))}, not {kind!r}")
         if kind == "choice" and not options.vote_choices:
             raise InvalidRequest("vote with kind=choice needs the number of choices")
+        if options.gate is not None and vote.base == "member":
+            raise InvalidRequest("gate applies to the answers' strategy, and this ensemble votes over members alone")
         temperature = params.temperature if params.temperature > 0 else vote.temperature
         parent = seq_id or core.new_id("vote")
         weights = core.resolve_weights(options.weights)

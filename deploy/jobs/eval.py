@@ -37,6 +37,8 @@ class RayBackend:
     directly (the coordinator has no echo call), by plain actor calls.
     """
 
+    chat_prompts = True  # chat tasks are rendered with each member's own template (GenerationRequest.as_prompt)
+
     def __init__(self, coordinator: Any, config: EnsembleConfig) -> None:
         import ray
 
@@ -106,7 +108,7 @@ class RayBackend:
     async def _complete(self, request: GenerationRequest) -> Completion:
         from consort.actors.client import complete
 
-        return await complete(self.coordinator, Prompt(text=request.prompt), request.params, request.options)
+        return await complete(self.coordinator, request.as_prompt(), request.params, request.options)
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         slots = [request_slots(self.config, r.options) for r in requests]

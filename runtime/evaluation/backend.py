@@ -42,6 +42,10 @@ class Backend(Protocol):
 class LocalBackend:
     """The ensemble in this process: the core is stepped directly, so its batches are this job's batches."""
 
+    # Generation requests with `chat` are rendered per member (GenerationRequest.as_prompt); a
+    # backend without this flag would send them as raw text, so the job refuses chat tasks on it.
+    chat_prompts = True
+
     def __init__(self, loop: EnsembleLoop) -> None:
         self.loop = loop
         self.core = loop.core

@@ -15,7 +15,7 @@ from consort.runtime import fusion
 from consort.runtime.config import EnsembleConfig
 from consort.runtime.core import EnsembleCore
 from consort.runtime.errors import InvalidRequest
-from consort.runtime.prompts import Prompt
+from consort.runtime.prompts import ChatMessage, Prompt
 from consort.runtime.sampling import SamplingParams
 from consort.runtime.types import Completion, RequestOptions
 
@@ -73,11 +73,21 @@ async def drive_core(
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Generate from raw text `prompt` with `params`, under the ensemble `options`."""
+    """Generate from `prompt` with `params`, under the ensemble `options`.
+
+    `prompt` is raw text, or with `chat` one user message that each member renders with
+    its own chat template (GSM8K's zero-shot chain of thought for chat members).
+    """
 
     prompt: str
     params: SamplingParams
     options: RequestOptions
+    chat: bool = False
+
+    def as_prompt(self) -> Prompt:
+        if self.chat:
+            return Prompt(messages=[ChatMessage(role="user", content=self.prompt)])
+        return Prompt(text=self.prompt)
 
 
 def request_slots(config: EnsembleConfig, options: RequestOptions) -> int:
@@ -94,7 +104,7 @@ def vote_slots(core: EnsembleCore, options: RequestOptions) -> int:
 
 def generation_job(core: EnsembleCore, request: GenerationRequest) -> CoreJob:
     return CoreJob(
-        add=lambda c: c.add(Prompt(text=request.prompt), request.params, request.options),
+        add=lambda c: c.add(request.as_prompt(), request.params, request.options),
         slots=vote_slots(core, request.options),
         size=len(request.prompt),
     )

@@ -79,3 +79,22 @@ def read_request_docs(root: Path, task_dir: str) -> Iterator[dict[str, Any]]:
                 continue
             seen.add(doc_id)
             yield {**request["doc"], "_context": request["request"]["context"]}
+
+
+def read_request_groups(root: Path, task_dir: str) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Every real document of a request file with all of its requests, in the file's order of documents.
+
+    Multiple-choice files hold one request per (document, choice); the choice order is
+    the order of the lines. PMI's unconditional requests (doc_id >= 1,000,000) are dropped.
+    """
+    path = _existing(root / "oe_eval_tasks" / task_dir / "requests.jsonl.gz")
+    groups: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            request = json.loads(line)
+            doc_id = int(request["doc_id"])
+            if doc_id >= 1_000_000:
+                continue
+            entry = groups.setdefault(doc_id, (request["doc"], []))
+            entry[1].append({**request["request"], "native_id": request.get("native_id")})
+    return list(groups.values())

@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Literal
 
+from consort.runtime.errors import ConfigError
 from consort.runtime.evaluation.backend import Backend
 from consort.runtime.evaluation.batches import member_alone
 from consort.runtime.evaluation.calibration import (
@@ -45,7 +46,16 @@ def dev_requests(questions: Sequence[Question]) -> tuple[list[LoglikRequest], li
     for q in questions:
         start = len(requests)
         if isinstance(q, MultipleChoiceQuestion):
-            requests += [LoglikRequest(q.prompt, c) for c in q.choices]
+            requests += [LoglikRequest(context, continuation) for context, continuation in q.scored_pairs()]
+        elif q.chat:
+            # Teacher-forced scoring here is of raw text; a chat prompt is rendered per member.
+            raise ConfigError(
+                f"{q.task} prompts are chat messages, which calibration cannot score; calibrate on the "
+                "same questions in their cloze form (gsm8k) and pass the weights with --config"
+            )
+        elif q.answer_kind == "code":
+            # The prompt ends in an open code block: the reference program follows it as is.
+            requests.append(LoglikRequest(q.prompt, q.answers[0]))
         else:
             requests.append(LoglikRequest(q.prompt, f" {q.answers[0]}"))
         spans.append((start, len(requests)))
@@ -65,7 +75,7 @@ def _score_point(
         return multiple_choice_score(
             list(weights),
             [list(item_logliks[a:b]) for a, b in spans],
-            [q.choices for q in mc],
+            [q.continuations for q in mc],
             [q.gold for q in mc],
             normalization=spec.normalization or "none",
             token_counts=[list(item_tokens[a:b]) for a, b in spans],

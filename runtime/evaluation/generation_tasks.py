@@ -1,11 +1,13 @@
-"""Row builders for the generation benchmarks: TriviaQA, NQ-open (short answers) and GSM8K (a number)."""
+"""Row builders for the generation benchmarks: TriviaQA, NQ-open (short answers), GSM8K (a number: 8-shot
+cloze for base models, zero-shot chain of thought in each member's chat template), HumanEval and MBPP
+(programs, run against their tests in the sandbox)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from consort.runtime.evaluation.files import read_arrow, read_request_docs
-from consort.runtime.evaluation.specs import DEV_SLICE, GenerationQuestion, Split
+from consort.runtime.evaluation.specs import DEV_SLICE, CodeCheck, GenerationQuestion, Split
 
 # Short answers fit on one line; stopping at the newline keeps a small model from
 # rambling through max_tokens on every question (lm-eval does the same).
@@ -80,6 +82,97 @@ def load_gsm8k(root: Path, split: Split) -> list[GenerationQuestion]:
             stop=GSM8K_STOP,
             max_tokens=GSM8K_MAX_TOKENS,
             answer_kind="number",
+        )
+        for doc in _tail_split(docs, split)
+    ]
+
+
+# Zero-shot chain of thought for chat members: the user message asks for the working and a
+# last line whose number `extract_number` finds ('answer is' first, else the last number).
+GSM8K_CHAT_INSTRUCTION = (
+    "Solve the following math word problem. Think step by step, then give the final answer "
+    "on the last line in the form 'The answer is N.'"
+)
+# A chat member ends its turn with its end-of-turn token (the engine stops there); a member
+# with no template continues the plain 'User:/Assistant:' transcript, whose next turn stops it.
+GSM8K_CHAT_STOP = ["\nUser:", "<|im_end|>", "<end_of_turn>"]
+GSM8K_CHAT_MAX_TOKENS = 512
+
+
+def gsm8k_chat_message(question: str) -> str:
+    return f"{GSM8K_CHAT_INSTRUCTION}\n\n{question.strip()}"
+
+
+def load_gsm8k_chat(root: Path, split: Split) -> list[GenerationQuestion]:
+    """GSM8K test, zero-shot chain of thought as one user message; the same rows (and dev slice) as `gsm8k`."""
+    docs = list(read_request_docs(root, "gsm8k/gold_bpb_5shot"))
+    return [
+        GenerationQuestion(
+            task="gsm8k_chat",
+            id=f"test/{doc['id']}",
+            prompt=gsm8k_chat_message(doc["question"]),
+            chat=True,
+            answers=[str(doc["short_answer"])],
+            stop=GSM8K_CHAT_STOP,
+            max_tokens=GSM8K_CHAT_MAX_TOKENS,
+            answer_kind="number",
+        )
+        for doc in _tail_split(docs, split)
+    ]
+
+
+# OLMES's generation settings for the two code tasks (`codex_humaneval`, `codex_mbpp`):
+# greedy, at most 512 tokens, stopping where a completed function is followed by other code.
+CODE_MAX_TOKENS = 512
+HUMANEVAL_STOP = ["\nclass", "\nif", "\nprint", "\n#", "\n```"]
+MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```", "\n#", "\n<|/"]
+
+
+def load_humaneval(root: Path, split: Split) -> list[GenerationQuestion]:
+    """HumanEval's 164 problems, all eval (there is no dev split: calibrate on MBPP's).
+
+    The prompt is OLMES's zero-shot one, the problem's signature and docstring then
+    'Here is the completed function:' and an open python code block; the program run is
+    the signature and docstring, the completion, then the problem's `check` on its entry point.
+    """
+    if split == "dev":
+        return []
+    questions = []
+    for doc in read_request_docs(root, "codex_humaneval/gold_bpb_0shot"):
+        entry = doc["entry_point"]
+        questions.append(
+            GenerationQuestion(
+                task="humaneval",
+                id=doc["task_id"],
+                prompt=doc["_context"],
+                answers=[doc["canonical_solution"]],
+                stop=HUMANEVAL_STOP,
+                max_tokens=CODE_MAX_TOKENS,
+                answer_kind="code",
+                code=CodeCheck(prefix=doc["prompt"], tests=f"{doc['test']}\n\ncheck({entry})", entry_point=entry),
+            )
+        )
+    return questions
+
+
+def load_mbpp(root: Path, split: Split) -> list[GenerationQuestion]:
+    """MBPP's 500 test problems (task ids 11-510): eval = the first 300, dev = the last 200.
+
+    The prompt is OLMES's zero-shot 'evalplus' one (the problem and its first test in a
+    code block, then an open python block); the program is the completion, then the
+    problem's setup code and all of its tests.
+    """
+    docs = list(read_request_docs(root, "codex_mbpp/gold_bpb_0shot"))
+    return [
+        GenerationQuestion(
+            task="mbpp",
+            id=f"test/{doc['task_id']}",
+            prompt=doc["_context"],
+            answers=[doc["code"]],
+            stop=MBPP_STOP,
+            max_tokens=CODE_MAX_TOKENS,
+            answer_kind="code",
+            code=CodeCheck(prefix="", tests="\n".join([doc["test_setup_code"], *doc["test_list"]]).strip()),
         )
         for doc in _tail_split(docs, split)
     ]

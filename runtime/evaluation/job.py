@@ -191,6 +191,15 @@ def progress(total: int, desc: str, disabled: bool) -> Any:
     )
 
 
+def check_chat_support(backends: Sequence[Backend], tasks: Sequence[str]) -> None:
+    """Refuse chat tasks on a backend that would send their messages as raw text."""
+    chat = [t for t in tasks if get_task(t).chat]
+    if chat and not all(getattr(b, "chat_prompts", False) for b in backends):
+        raise ConfigError(
+            f"{', '.join(chat)} prompts are chat messages, which this backend sends as raw text; run it with --local"
+        )
+
+
 async def calibrate_task(
     backends: Sequence[Backend], task: str, out: Path, args: argparse.Namespace
 ) -> CalibrationResult:
@@ -288,6 +297,12 @@ async def run(args: argparse.Namespace, remote: StartBackends | None = None) -> 
     store = PredictionStore(out)
     attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     backends = start_backends(config, args, remote)
+    try:
+        check_chat_support(backends, args.task_names)
+    except ConfigError:
+        for backend in backends:
+            backend.close()
+        raise
     members = [m.name for m in config.members]
     ids: dict[str, list[str]] = {}
     calibrations: list[CalibrationResult] = []

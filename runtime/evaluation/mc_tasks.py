@@ -1,7 +1,9 @@
-"""Row builders for the log-likelihood benchmarks: ARC-Easy, ARC-Challenge, MMLU, PIQA.
+"""Row builders for the log-likelihood benchmarks: ARC-Easy, ARC-Challenge, MMLU, PIQA, and the OLMES
+zero-shot cloze tasks (SciQ, CommonsenseQA, HellaSwag, OpenBookQA, Winogrande, BoolQ, Social IQa).
 
 Prompts follow the OLMES cloze ("RC") format, zero-shot: the question, then
-'Answer:', and each choice scored as a continuation with a leading space.
+'Answer:', and each choice scored as a continuation with a leading space. The
+`rc_0shot` tasks take their prompts verbatim from the package's request files.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import string
 from itertools import zip_longest
 from pathlib import Path
+from typing import Any
 
-from consort.runtime.evaluation.files import arrow_dirs, read_arrow, read_request_docs
-from consort.runtime.evaluation.specs import DEV_SLICE, MultipleChoiceQuestion, Split
+from consort.runtime.evaluation.files import arrow_dirs, read_arrow, read_request_docs, read_request_groups
+from consort.runtime.evaluation.specs import DEV_SLICE, MultipleChoiceQuestion, PartialScoring, Split
 
 
 def letter_prompt(stem: str, choices: list[str]) -> str:
@@ -108,3 +111,96 @@ def load_piqa(root: Path, split: Split) -> list[MultipleChoiceQuestion]:
         )
         for i, row in chosen
     ]
+
+
+# --- OLMES zero-shot cloze (oe_eval_tasks/<task>/rc_0shot) -----------------------------------
+
+
+def _qid(index: int) -> str:
+    # Every rc_0shot file is validation. The document's position is its id: the datasets' own ids
+    # are missing (Winogrande) or repeat (HellaSwag's `ind`).
+    return f"validation/{index}"
+
+
+def _letter_stem(context: str) -> str:
+    # The lettered variant lists the options after the question, so the cloze's own 'Answer:' goes.
+    return context.removesuffix("Answer:").rstrip()
+
+
+def _rc_question(task: str, qid: str, doc: dict[str, Any], requests: list[dict[str, Any]]) -> MultipleChoiceQuestion:
+    """A question whose choices are continuations of one shared context (every rc task but Winogrande)."""
+    contexts = {r["context"] for r in requests}
+    if len(contexts) != 1:
+        raise ValueError(f"{task}/{qid}: expected one context for all choices, found {len(contexts)}")
+    context = requests[0]["context"]
+    choices = [r["continuation"] for r in requests]
+    return MultipleChoiceQuestion(
+        task=task,
+        id=qid,
+        prompt=context,
+        choices=choices,
+        gold=int(doc["gold"]),
+        letter_prompt=letter_prompt(_letter_stem(context), [c.strip() for c in choices]),
+    )
+
+
+def _winogrande_question(qid: str, doc: dict[str, Any], requests: list[dict[str, Any]]) -> MultipleChoiceQuestion:
+    """Winogrande's partial scoring: each option fills the blank in the context, the rest of the sentence is scored."""
+    continuations = {r["continuation"] for r in requests}
+    if len(continuations) != 1:
+        raise ValueError(f"winogrande/{qid}: expected one shared continuation, found {len(continuations)}")
+    options = [doc["option1"], doc["option2"]]
+    sentence = doc["sentence"]
+    return MultipleChoiceQuestion(
+        task="winogrande",
+        id=qid,
+        prompt=sentence,
+        choices=[f" {o}" for o in options],
+        gold=int(doc["answer"]) - 1,
+        letter_prompt=letter_prompt(f"Question: Which option fills the blank (_)? {sentence}", options),
+        partial=PartialScoring(contexts=[r["context"] for r in requests], continuation=requests[0]["continuation"]),
+    )
+
+
+def _rc_questions(root: Path, task: str, task_dir: str) -> list[MultipleChoiceQuestion]:
+    questions = []
+    for index, (doc, requests) in enumerate(read_request_groups(root, task_dir)):
+        qid = _qid(index)
+        if task == "winogrande":
+            questions.append(_winogrande_question(qid, doc, requests))
+        else:
+            questions.append(_rc_question(task, qid, doc, requests))
+    return questions
+
+
+def load_rc0(root: Path, task: str, split: Split) -> list[MultipleChoiceQuestion]:
+    """An OLMES rc_0shot task over validation (test labels are not public): eval = all but the last 200, dev = those.
+
+    Every `rc_0shot` request file is built from the validation split; its last DEV_SLICE
+    documents are kept back for fitting weights and routers, so they never meet eval.
+    """
+    questions = _rc_questions(root, task, f"{task}/rc_0shot")
+    return questions[:-DEV_SLICE] if split == "eval" else questions[-DEV_SLICE:]
+
+
+def load_openbookqa(root: Path, split: Split) -> list[MultipleChoiceQuestion]:
+    """OpenBookQA: eval = the public test set (zero-shot prompts from the documents of `test_rc_5shot`),
+    dev = validation (`rc_0shot`)."""
+    if split == "dev":
+        return _rc_questions(root, "openbookqa", "openbookqa/rc_0shot")
+    questions = []
+    for doc in read_request_docs(root, "openbookqa/test_rc_5shot"):
+        # The request's context is five-shot; the document's query is the zero-shot cloze prompt.
+        query: str = doc["query"]
+        choices = [f" {c}" for c in doc["choices"]]
+        questions.append(
+            MultipleChoiceQuestion(
+                task="openbookqa",
+                id=f"test/{doc['id']}",
+                prompt=query,
+                choices=choices,
+                gold=int(doc["gold"]),
+                letter_prompt=letter_prompt(_letter_stem(query), list(doc["choices"])),
+            )
+        )
+    return questions

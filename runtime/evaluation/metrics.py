@@ -7,6 +7,7 @@ compares what it extracts with the questions' gold answers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from consort.runtime.answers import (
@@ -17,6 +18,7 @@ from consort.runtime.answers import (
     numbers_equal,
 )
 from consort.runtime.errors import ConfigError, InvalidRequest
+from consort.runtime.evaluation.sandbox import ExecutionResult, SandboxLimits, run_many, run_python
 from consort.runtime.evaluation.specs import (
     GenerationMetric,
     GenerationQuestion,
@@ -75,7 +77,7 @@ def score_multiple_choice(
     token_counts: Sequence[int] | None = None,
 ) -> bool:
     """Whether the chosen continuation is the gold one."""
-    chosen = pick_choice(logprobs, question.choices, normalization=normalization, token_counts=token_counts)
+    chosen = pick_choice(logprobs, question.continuations, normalization=normalization, token_counts=token_counts)
     return chosen == question.gold
 
 
@@ -98,9 +100,41 @@ def contains_match(pred: str, golds: Sequence[str]) -> bool:
 
 
 def extracted_answer(question: GenerationQuestion, text: str) -> str | None:
-    """What a generated `text` answers `question` with: its number, or its first line (before any stop string)."""
+    """What a generated `text` answers `question` with: its number, its first line, or (code) the completion,
+    each before any stop string."""
     text = cut_at_stop(text, question.stop)
+    if question.answer_kind == "code":
+        return text
     return extract_number(text) if question.answer_kind == "number" else first_line(text)
+
+
+# --- code ------------------------------------------------------------------
+
+
+def code_program(question: GenerationQuestion, output: str) -> str:
+    """The program a completion makes for `question`: the task's prefix, the completion (cut at a stop), the tests."""
+    if question.code is None:
+        raise InvalidRequest(f"{question.task}/{question.id} is not a code question")
+    return question.code.program(cut_at_stop(output, question.stop))
+
+
+def run_code(
+    question: GenerationQuestion, outputs: Sequence[str], limits: SandboxLimits | None = None, *, workers: int = 2
+) -> list[ExecutionResult]:
+    """Each output's program run against the question's tests in the sandbox (a separate process each)."""
+    return run_many([code_program(question, o) for o in outputs], limits, workers=workers)
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The unbiased pass@k estimate from `n` samples of which `correct` passed (Chen et al. 2021):
+    1 - C(n - c, k) / C(n, k), the chance that k samples drawn without replacement include a pass."""
+    if not 0 <= correct <= n or k < 1:
+        raise InvalidRequest(f"pass@k needs 0 <= correct <= n and k >= 1, got n={n}, correct={correct}, k={k}")
+    if k > n:
+        raise InvalidRequest(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
 
 
 def score_generation(
@@ -110,8 +144,13 @@ def score_generation(
 
     Number questions compare `extract_number(output)` with the gold number. Span
     questions compare the output's first line by `exact_match` (the default) or
-    `contains_match`.
+    `contains_match`. Code questions run the program in the sandbox (pass@1 of this
+    one output); many outputs are better run together with `run_code`.
     """
+    if question.answer_kind == "code":
+        if metric not in (None, "pass_at_1"):
+            raise InvalidRequest(f"a code question is scored by pass_at_1, not {metric!r}")
+        return run_python(code_program(question, output)).passed
     output = cut_at_stop(output, question.stop)
     if question.answer_kind == "number":
         if metric not in (None, "number_match"):

@@ -17,11 +17,15 @@ Multiple choice (log-likelihood, OLMES cloze format):
     the letter extracted from the answer.
 Generation: members alone (strategy `me`, one-hot weights: only that member runs), token-level
 strategies greedy with the run's weights, answer-level ones (vote = N answers sampled across
-members, majority of the extracted number (GSM8K) or short answer span (TriviaQA, NQ-open)).
+members, majority of the extracted number (GSM8K) or short answer span (TriviaQA, NQ-open), the most
+similar program for code). Chat questions (GSM8K zero-shot) are rendered by each member's template.
+Code answers (HumanEval, MBPP) are run against their tests in the sandbox (`evaluation.sandbox`: one
+process each, started here, never in a member), off the event loop, after the chunk is generated.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import zlib
@@ -30,15 +34,18 @@ from typing import Any, Literal
 
 from consort.runtime import fusion
 from consort.runtime.answers import extract_choice_letter
+from consort.runtime.errors import InvalidRequest
 from consort.runtime.evaluation.backend import Backend
 from consort.runtime.evaluation.batches import GenerationRequest, member_alone
 from consort.runtime.evaluation.logliks import Loglik, LoglikRequest
 from consort.runtime.evaluation.metrics import (
+    code_program,
     extracted_answer,
     normalised_scores,
     pick_choice,
     score_generation,
 )
+from consort.runtime.evaluation.sandbox import ExecutionResult, run_many
 from consort.runtime.evaluation.specs import (
     GenerationQuestion,
     MultipleChoiceQuestion,
@@ -46,7 +53,7 @@ from consort.runtime.evaluation.specs import (
     TaskSpec,
 )
 from consort.runtime.sampling import SamplingParams
-from consort.runtime.types import Completion, RequestOptions
+from consort.runtime.types import Completion, RequestOptions, VoteKind
 
 LETTER_VOTE_MAX_TOKENS = 8
 MEMBER_VOTE = "vote"  # the strategy that `--mc-vote loglik` answers by the members' majority, generating nothing
@@ -103,7 +110,7 @@ def choice_requests(
     questions: Sequence[MultipleChoiceQuestion],
 ) -> tuple[list[LoglikRequest], list[tuple[int, int]]]:
     """One request per (question, choice), and each question's [start, end) among them."""
-    requests = [LoglikRequest(q.prompt, c) for q in questions for c in q.choices]
+    requests = [LoglikRequest(context, continuation) for q in questions for context, continuation in q.scored_pairs()]
     spans, start = [], 0
     for q in questions:
         spans.append((start, start + len(q.choices)))
@@ -197,7 +204,7 @@ def scored_entry(
     """The choice with the best (normalised) log-likelihood; `logliks` are this question's, one per choice."""
     scores = [x.logprob for x in logliks]
     counts = [x.tokens for x in logliks]
-    pick = pick_choice(scores, question.choices, normalization=normalization, token_counts=counts)
+    pick = pick_choice(scores, question.continuations, normalization=normalization, token_counts=counts)
     return choice_entry(question, scores, pick, **extra)
 
 
@@ -231,7 +238,7 @@ def member_vote_entry(
     """The majority of the members' picks (`members`: their entries), ties by mean choice probability."""
     picks = [entry["pick"] for entry in members]
     normalised = [
-        normalised_scores([x.logprob for x in lls], question.choices, normalization, [x.tokens for x in lls])
+        normalised_scores([x.logprob for x in lls], question.continuations, normalization, [x.tokens for x in lls])
         for lls in member_logliks
     ]
     choice, method = vote_on_picks(picks, normalised)
@@ -330,17 +337,31 @@ def generation_options(
         return member_alone(names, name)
     if is_answer_level(name):
         # vote samples from the members in turn; it ignores weights (None: the config's, all > 0).
-        return RequestOptions(strategy=name, vote_kind=question.answer_kind)
+        return RequestOptions(strategy=name, vote_kind=vote_kind(question))
     return RequestOptions(strategy=name, weights=weights)
 
 
-def generation_entry(question: GenerationQuestion, outcome: Completion, *, votes: bool) -> dict[str, Any]:
+def vote_kind(question: GenerationQuestion) -> VoteKind:
+    """How a vote compares sampled answers: programs have no extractable answer, so by their similarity."""
+    return "free" if question.answer_kind == "code" else question.answer_kind
+
+
+def generation_entry(
+    question: GenerationQuestion, outcome: Completion, *, votes: bool, execution: ExecutionResult | None = None
+) -> dict[str, Any]:
+    """A system's answer; a code answer comes with its sandboxed run (`execution`), which decides `correct`."""
     entry: dict[str, Any] = {
         "answer": outcome.text,
         "extracted": extracted_answer(question, outcome.text),
-        "correct": score_generation(question, outcome.text),
         "finish_reason": outcome.finish_reason,
     }
+    if question.answer_kind == "code":
+        if execution is None:
+            raise InvalidRequest(f"{question.task}/{question.id}: a code answer is scored by running it")
+        entry["correct"] = execution.passed
+        entry["execution"] = {"outcome": execution.outcome, "detail": execution.detail, "seconds": execution.seconds}
+    else:
+        entry["correct"] = score_generation(question, outcome.text)
     if votes:
         entry["votes"] = _votes(outcome)
     return entry
@@ -379,17 +400,44 @@ async def generation(
         params = SamplingParams(
             temperature=0.0, max_tokens=q.max_tokens, stop=q.stop, seed=question_seed(seed, q.task, q.id)
         )
-        requests += [GenerationRequest(q.prompt, params, generation_options(q, s, names, weights)) for s in systems]
+        requests += [
+            GenerationRequest(q.prompt, params, generation_options(q, s, names, weights), chat=q.chat)
+            for s in systems
+        ]
     started = time.perf_counter()
     outcomes = await backend.generate(requests)
     timing["all systems"] = time.perf_counter() - started
+    executions = await execute_code(questions, outcomes, len(systems), timing)
     records = []
     for k, q in enumerate(questions):
         members: dict[str, Any] = {}
         results: dict[str, Any] = {}
         for j, (kind, name) in enumerate(systems):
-            outcome = outcomes[k * len(systems) + j]
+            i = k * len(systems) + j
             answer_level = kind == "strategy" and is_answer_level(name)
-            (members if kind == "member" else results)[name] = generation_entry(q, outcome, votes=answer_level)
+            entry = generation_entry(q, outcomes[i], votes=answer_level, execution=executions.get(i))
+            (members if kind == "member" else results)[name] = entry
         records.append(generation_record(q, members, results, weights))
     return records
+
+
+async def execute_code(
+    questions: Sequence[GenerationQuestion], outcomes: Sequence[Completion], per_question: int, timing: dict[str, float]
+) -> dict[int, ExecutionResult]:
+    """Run every code answer of the chunk in the sandbox, off the event loop; keyed by the answer's index.
+
+    Each program is its own process (sandbox.run_python), started here in the job's
+    driver, never in a member or the endpoint.
+    """
+    programs = {
+        k * per_question + j: code_program(q, outcomes[k * per_question + j].text)
+        for k, q in enumerate(questions)
+        if q.answer_kind == "code"
+        for j in range(per_question)
+    }
+    if not programs:
+        return {}
+    started = time.perf_counter()
+    results = await asyncio.to_thread(run_many, list(programs.values()))
+    timing["sandbox"] = time.perf_counter() - started
+    return dict(zip(programs, results, strict=True))

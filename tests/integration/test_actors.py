@@ -167,7 +167,17 @@ def _fault_mid_generation(config, transport: str, step_timeout_s: float, fault: 
             raise AssertionError("the request finished although a member failed")
 
         lost = run(generate_through_the_fault())
-        after = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy="mean")))
+        # While the member is restored, new requests fail at once; then the ensemble serves again.
+        deadline = time.monotonic() + 120
+        while True:
+            asked = time.monotonic()
+            try:
+                after = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy="mean")))
+                break
+            except MemberLost:
+                assert time.monotonic() - asked < 5, "a request during recovery waited instead of failing fast"
+                assert time.monotonic() < deadline, "the ensemble did not recover within 120 s"
+                time.sleep(0.5)
         assert after.finish_reason == "length" and after.text
         return lost
     finally:

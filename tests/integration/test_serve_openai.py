@@ -5,6 +5,7 @@ One application (two tiny members, mean) serves the whole module; authentication
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -354,3 +355,107 @@ def test_vote_over_http_returns_one_of_its_sampled_answers(client: openai.OpenAI
     )
     assert response.choices[0].text and response.choices[0].text == again.choices[0].text
     assert response.choices[0].finish_reason == "length"
+
+
+# -- the OpenAPI document describes the server (issue 17, item 8) ------------------------------------
+@pytest.fixture(scope="module")
+def document(base_url: str) -> dict[str, Any]:
+    answer = httpx.get(f"{base_url}/openapi.json", timeout=30)
+    assert answer.status_code == 200
+    return answer.json()  # type: ignore[no-any-return]
+
+
+def _validator(document: dict[str, Any], schema: dict[str, Any]) -> Any:
+    import jsonschema
+
+    return jsonschema.Draft202012Validator({**schema, "components": document["components"]})
+
+
+def _ok(document: dict[str, Any], path: str, method: str = "post") -> dict[str, Any]:
+    return document["paths"][path][method]["responses"]["200"]["content"]  # type: ignore[no-any-return]
+
+
+def test_the_document_describes_the_routes(document: dict[str, Any]) -> None:
+    from tests.integration.conftest import MAIN_MAX_TOKENS_LIMIT
+
+    assert document["servers"] == [{"url": "/openai"}], "clients find the routes under the app's prefix"
+    assert set(_ok(document, "/metrics", "get")) == {"text/plain"}
+    for path, body in (
+        ("/v1/completions", "CompletionResponse"),
+        ("/v1/chat/completions", "ChatCompletionResponse"),
+    ):
+        content = _ok(document, path)
+        assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{body}"}
+        assert "text/event-stream" in content
+        responses = document["paths"][path]["post"]["responses"]
+        assert "422" not in responses and {"400", "404", "429", "503"} <= set(responses)
+        assert responses["429"]["headers"]["Retry-After"]["required"] is True
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    request = document["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert request["model"]["enum"] == ["consort", "smollm2", "gemma3"]
+    weights = next(b for b in request["weights"]["anyOf"] if b["type"] == "array")
+    assert (weights["minItems"], weights["maxItems"]) == (2, 2), "one weight per member"
+    max_tokens = next(b for b in request["max_tokens"]["anyOf"] if b["type"] == "integer")
+    assert max_tokens["maximum"] == MAIN_MAX_TOKENS_LIMIT
+
+
+def test_responses_match_the_document(document: dict[str, Any], base_url: str) -> None:
+    for path, body in (
+        ("/v1/completions", {"model": "consort", "prompt": "Hi", "max_tokens": 3, "logprobs": 2, "echo": True}),
+        (
+            "/v1/chat/completions",
+            {"model": "consort", "messages": CHAT, "max_tokens": 3, "logprobs": True, "top_logprobs": 2},
+        ),
+    ):
+        answer = httpx.post(f"{base_url}{path}", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        _validator(document, _ok(document, path)["application/json"]["schema"]).validate(answer.json())
+        with httpx.stream("POST", f"{base_url}{path}", json={**body, "stream": True}, timeout=60) as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            events = [line.removeprefix("data: ") for line in stream.iter_lines() if line]
+        assert events[-1] == "[DONE]" and len(events) > 2
+        chunk = _ok(document, path)["text/event-stream"]["schema"]["properties"]["data"]["else"]["contentSchema"]
+        for event in events[:-1]:
+            _validator(document, chunk).validate(json.loads(event))
+    health = httpx.get(f"{base_url}/health", timeout=30)
+    _validator(document, _ok(document, "/health", "get")["application/json"]["schema"]).validate(health.json())
+    assert httpx.get(f"{base_url}/metrics", timeout=30).headers["content-type"].startswith("text/plain")
+
+
+# Requests the document admits exactly when the server accepts them (what used to differ, issue 17).
+AGREEMENT: list[dict[str, Any]] = [
+    {"frequency_penalty": 0.5},
+    {"presence_penalty": 0},
+    {"gate": 0},
+    {"gate": 0.5},
+    {"gate": 0.5, "strategy": "me"},
+    {"model": "smollm2", "strategy": "mean"},
+    {"model": "smollm2", "weights": [1, 0]},
+    {"model": "smollm2"},
+    {"weights": [0, 0]},
+    {"weights": [0, 1]},
+    {"best_of": 1},
+    {"best_of": 1, "n": 2},
+    {"strategy": "vote", "vote_kind": "choice", "vote_samples": 2},
+    {"strategy": "vote", "vote_kind": "choice", "vote_choices": 4, "vote_samples": 2},
+    {"prompt": ""},
+    {"stop": ""},
+    {"max_tokens": 2.0},
+    {"seed": True},
+]
+
+
+@pytest.mark.parametrize("extra", AGREEMENT, ids=[json.dumps(e) for e in AGREEMENT])
+def test_the_document_admits_what_the_server_accepts(
+    document: dict[str, Any], base_url: str, extra: dict[str, Any]
+) -> None:
+    body = {"model": "consort", "prompt": "Hi", "max_tokens": 2, **extra}
+    admitted = _validator(document, {"$ref": "#/components/schemas/CompletionRequest"}).is_valid(body)
+    answer = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+    assert answer.status_code in (200, 400), answer.text
+    assert (answer.status_code == 200) is admitted, f"document admits: {admitted}; server: {answer.text}"
+
+
+def test_the_docs_page_reads_the_served_document(base_url: str) -> None:
+    page = httpx.get(f"{base_url}/docs", timeout=30)
+    assert page.status_code == 200 and "/openai/openapi.json" in page.text

@@ -26,7 +26,7 @@ def test_the_mirror_records_to_ray_and_renders_prometheus_text() -> None:
 
 
 def test_one_replica_is_one_ensemble(ray_cluster: dict[str, object]) -> None:
-    from consort.deploy.app import deployment_options
+    from consort.deploy.app import OVERFLOW_HEADROOM, deployment_options
 
     scaling = {
         "min_replicas": 1,
@@ -41,5 +41,6 @@ def test_one_replica_is_one_ensemble(ray_cluster: dict[str, object]) -> None:
     options = deployment_options(config, {"look_back_period_s": 2})
     assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"CPU": 0.5}, {"CPU": 0.5}]
     assert options["placement_group_strategy"] == "SPREAD"
-    assert options["max_ongoing_requests"] == 9
+    # Raised to what the coordinator runs and queues, plus headroom, so overload meets its 429 (issue 17).
+    assert options["max_ongoing_requests"] == config.max_batch + config.max_queue + OVERFLOW_HEADROOM
     assert options["autoscaling_config"] == {**scaling, "initial_replicas": 1, "look_back_period_s": 2}

@@ -56,20 +56,14 @@ class VoteCopyStrategy(VoteStrategy):
 
 @pytest.fixture
 def first_member():
-    fusion.register(FirstMemberStrategy)
-    try:
-        yield FirstMemberStrategy.name
-    finally:
-        fusion.unregister(FirstMemberStrategy.name)
+    with fusion.registered(FirstMemberStrategy) as name:
+        yield name
 
 
 @pytest.fixture
 def vote_copy():
-    fusion.register(VoteCopyStrategy)
-    try:
-        yield VoteCopyStrategy.name
-    finally:
-        fusion.unregister(VoteCopyStrategy.name)
+    with fusion.registered(VoteCopyStrategy) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

@@ -132,11 +132,8 @@ class LastMemberStrategy(Strategy):
 
 @pytest.fixture
 def registered():
-    fusion.register(LastMemberStrategy)
-    try:
-        yield LastMemberStrategy.name
-    finally:
-        fusion.unregister(LastMemberStrategy.name)
+    with fusion.registered(LastMemberStrategy) as name:
+        yield name
 
 
 class InProcessEngine:

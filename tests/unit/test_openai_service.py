@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+import jsonschema
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 
-from consort.deploy import convert
+from consort.deploy import convert, errors
 from consort.deploy.auth import configured_keys, key_accepted
-from consort.deploy.errors import Unsupported
-from consort.deploy.openai_api import ChatCompletionRequest, CompletionRequest
+from consort.deploy.errors import QueueCapacityExceeded
+from consort.deploy.openai_api import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, served_document
 from consort.deploy.streams import Job, collect, prime_all
 from consort.runtime.config import parse_config
 from consort.runtime.errors import InvalidRequest, ModelNotFound, Overloaded
@@ -85,19 +91,34 @@ def test_sampling_params_per_choice() -> None:
         convert.sampling_params(request, 0, 0)
 
 
-def test_unsupported_fields_are_refused_not_ignored() -> None:
-    with pytest.raises(Unsupported, match="tools"):
-        convert.check_supported(
-            ChatCompletionRequest(
-                model="m", messages=[{"role": "user", "content": "x"}], tools=[{"type": "f"}]
-            )
-        )
-    with pytest.raises(Unsupported, match="image"):
-        convert.chat_prompt(
-            ChatCompletionRequest(
-                model="m", messages=[{"role": "user", "content": [{"type": "image_url"}]}]
-            ).messages
-        )
+UNSUPPORTED_VALUES: list[tuple[type[BaseModel], str, object, object]] = [
+    # (request, field, its one accepted value, a value it refuses)
+    (CompletionRequest, "presence_penalty", 0, 0.5),
+    (CompletionRequest, "frequency_penalty", 0.0, -1.0),
+    (CompletionRequest, "logit_bias", {}, {"50256": -100.0}),
+    (CompletionRequest, "suffix", "", "tail"),
+    (CompletionRequest, "best_of", 1, 3),
+    (ChatCompletionRequest, "tools", [], [{"type": "function"}]),
+    (ChatCompletionRequest, "response_format", {"type": "text"}, {"type": "json_object"}),
+]
+
+
+@pytest.mark.parametrize(("request_type", "name", "neutral", "refused"), UNSUPPORTED_VALUES)
+def test_unsupported_fields_are_refused_not_ignored(
+    request_type: type[BaseModel], name: str, neutral: object, refused: object
+) -> None:
+    base: dict[str, object] = {"model": "m", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
+    request_type.model_validate({**base, name: neutral})
+    with pytest.raises(ValidationError) as refusal:
+        request_type.model_validate({**base, name: refused})
+    assert refusal.value.errors()[0]["loc"][0] == name
+    assert name in UNSUPPORTED, "the HTTP layer names it unsupported_parameter"
+
+
+def test_content_parts_are_text_parts_with_text() -> None:
+    for part in ({"type": "image_url"}, {"type": "text"}, {"type": "text", "text": None}):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [part]}])
 
 
 def test_chat_content_parts_and_developer_role() -> None:
@@ -113,17 +134,18 @@ def test_chat_content_parts_and_developer_role() -> None:
     assert [(m.role, m.content) for m in prompt.messages] == [("system", "Be brief."), ("user", "ab")]
 
 
-def test_logprobs_shapes_skip_the_end_of_sequence() -> None:
+def test_logprobs_shapes_report_the_end_of_sequence_without_text() -> None:
+    # vLLM reports the end-of-sequence token (lm-eval counts on the entry); it adds no text.
     entries = [
         TokenLogprob("He", b"He", -0.1, [("He", -0.1), ("A", -2.0)]),
         TokenLogprob("llo", b"llo", -0.2, [("llo", -0.2)]),
-        TokenLogprob("", b"\x00<eos>", -0.3, []),
+        TokenLogprob("<|im_end|>", b"", -0.3, []),
     ]
     legacy = convert.completion_logprobs(entries, 4)
-    assert legacy.tokens == ["He", "llo"] and legacy.text_offset == [4, 6]
+    assert legacy.tokens == ["He", "llo", "<|im_end|>"] and legacy.text_offset == [4, 6, 9]
     assert legacy.top_logprobs[0] == {"He": -0.1, "A": -2.0}
     chat = convert.chat_logprobs(entries)
-    assert chat.content is not None and [e.token for e in chat.content] == ["He", "llo"]
+    assert chat.content is not None and [e.token for e in chat.content] == ["He", "llo", "<|im_end|>"]
     assert chat.content[0].bytes == list(b"He") and chat.content[0].top_logprobs[1].token == "A"
 
 
@@ -178,3 +200,246 @@ async def test_a_failed_admission_closes_the_started_streams() -> None:
     with pytest.raises(Overloaded):
         await prime_all(engine, _jobs(2))
     assert engine.live == 0
+
+
+class SlowFirstEngine(FakeEngine):
+    """Job seed 0 is a vote: its first delta comes only when all its answers are done (here: never)."""
+
+    def __init__(self) -> None:
+        super().__init__(tokens=3, capacity=1)
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, options: RequestOptions | None = None
+    ) -> AsyncIterator[Delta]:
+        if params.seed != 0:
+            await asyncio.sleep(0.05)  # admitted after the vote, into a full queue
+            raise Overloaded("full")
+        self.live += 1
+        try:
+            await asyncio.Event().wait()
+            yield Delta("s", "never", "stop", [], 3, 1)
+        finally:
+            self.live -= 1
+            self.closed += 1
+
+
+async def test_a_failed_admission_does_not_wait_for_the_others_first_delta() -> None:
+    engine = SlowFirstEngine()
+    with pytest.raises(Overloaded):
+        # Before: prime_all awaited every job, so the 429 waited for the whole vote (here: forever).
+        await asyncio.wait_for(prime_all(engine, _jobs(2)), timeout=5)
+    assert engine.live == 0 and engine.closed == 1, "the admitted vote is freed, not run to its end"
+
+
+def test_a_request_larger_than_the_queue_is_a_400_not_a_429() -> None:
+    small = CONFIG.model_copy(update={"max_queue": 8})
+    convert.check_capacity(8, RequestOptions(), small)
+    with pytest.raises(QueueCapacityExceeded, match="needs 9 sequences"):
+        convert.check_capacity(9, RequestOptions(), small)
+    vote = RequestOptions(strategy="vote", vote_samples=3)
+    convert.check_capacity(2, vote, small)
+    with pytest.raises(QueueCapacityExceeded, match="prompts × n × vote_samples"):
+        convert.check_capacity(3, vote, small)
+    assert QueueCapacityExceeded.http_status == 400
+
+
+# -- the HTTP contract, on a bare FastAPI app with the project's error handlers ----------------------
+def _client() -> TestClient:
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, str]:
+        return {}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> dict[str, str]:
+        return {}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest) -> dict[str, str]:
+        return {}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret detail of the server")
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_a_405_carries_allow() -> None:
+    answer = _client().delete("/v1/models")
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == "GET", "RFC 9110: a 405 lists the methods the resource supports"
+    assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param", "code", "fragment"),
+    [
+        ("completions", {"frequency_penalty": 0.5}, "frequency_penalty", "unsupported_parameter", "not supported"),
+        ("completions", {"best_of": 2}, "best_of", "unsupported_parameter", "only equal to n"),
+        ("completions", {"prompt": ""}, "prompt", None, "at least 1 character"),
+        ("completions", {"seed": True}, "seed", None, "valid integer"),
+        ("completions", {"n": "2"}, "n", None, "valid integer"),
+        ("completions", {"gate": 0}, "gate", None, "greater than 0"),
+        ("chat/completions", {"top_logprobs": 2}, "top_logprobs", None, "needs logprobs=true"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages.0.content.0.text",
+            None,
+            "field required",
+        ),
+    ],
+)
+def test_validation_errors_are_openai_400s(
+    route: str, body: dict[str, object], param: str, code: str | None, fragment: str
+) -> None:
+    base = {**COMPLETION, "model": "m"} if route == "completions" else {**CHAT, "model": "m"}
+    answer = _client().post(f"/v1/{route}", json={**base, **body})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert fragment in error["message"].lower()
+    assert "is not supported (text only)" not in error["message"]
+
+
+def test_integral_numbers_are_integers() -> None:
+    # JSON Schema's integer includes 2.0; a strict model must take it.
+    request = CompletionRequest.model_validate({"model": "m", "prompt": "x", "n": 2.0, "max_tokens": 8.0})
+    assert (request.n, request.max_tokens) == (2, 8) and isinstance(request.n, int)
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "n": 2.5})
+
+
+def test_an_internal_error_shows_no_internal_text() -> None:
+    answer = _client().get("/boom")
+    assert answer.status_code == 500
+    assert "secret" not in answer.text and "RuntimeError" not in answer.text
+    assert answer.json()["error"]["type"] == "internal_error"
+
+
+# -- the schema is the contract -----------------------------------------------------------------------
+def _document() -> dict[str, Any]:
+    _, definitions = models_json_schema(
+        [(CompletionRequest, "validation"), (ChatCompletionRequest, "validation")],
+        ref_template="#/components/schemas/{model}",
+    )
+    return {"components": {"schemas": definitions["$defs"]}}
+
+
+def _admits(document: dict[str, Any], name: str, body: dict[str, Any]) -> bool:
+    schema = {"$ref": f"#/components/schemas/{name}", **document}
+    return jsonschema.Draft202012Validator(schema).is_valid(body)
+
+
+def _accepts(request_type: type[BaseModel], body: dict[str, Any]) -> bool:
+    try:
+        request_type.model_validate(body)
+    except ValidationError:
+        return False
+    return True
+
+
+COMPLETION = {"model": "consort", "prompt": "x"}
+CHAT = {"model": "consort", "messages": [{"role": "user", "content": "x"}]}
+AGREEMENT: list[tuple[str, dict[str, Any], bool]] = [
+    ("CompletionRequest", COMPLETION, True),
+    ("CompletionRequest", {**COMPLETION, "prompt": ["a", "b"], "n": 3, "stop": ["##"]}, True),
+    ("CompletionRequest", {**COMPLETION, "prompt": []}, False),
+    ("CompletionRequest", {**COMPLETION, "prompt": [""]}, False),
+    ("CompletionRequest", {**COMPLETION, "stop": ""}, False),
+    ("CompletionRequest", {**COMPLETION, "max_tokens": 0}, False),
+    ("CompletionRequest", {**COMPLETION, "temperature": -0.1}, False),
+    ("CompletionRequest", {**COMPLETION, "top_p": 0}, False),
+    ("CompletionRequest", {**COMPLETION, "top_p": 1e-300}, True),
+    ("CompletionRequest", {**COMPLETION, "gate": 0}, False),
+    ("CompletionRequest", {**COMPLETION, "gate": 1}, True),
+    ("CompletionRequest", {**COMPLETION, "weights": [0, 0]}, False),
+    ("CompletionRequest", {**COMPLETION, "weights": [-1, 2]}, False),
+    ("CompletionRequest", {**COMPLETION, "weights": [0, 2]}, True),
+    ("CompletionRequest", {**COMPLETION, "frequency_penalty": 0.5}, False),
+    ("CompletionRequest", {**COMPLETION, "presence_penalty": 0}, True),
+    ("CompletionRequest", {**COMPLETION, "best_of": 1}, True),
+    ("CompletionRequest", {**COMPLETION, "best_of": 1, "n": 2}, False),
+    ("CompletionRequest", {**COMPLETION, "seed": 2**63}, False),
+    ("CompletionRequest", {**COMPLETION, "seed": -(2**63)}, True),
+    ("CompletionRequest", {**COMPLETION, "vote_kind": "letters"}, False),
+    ("CompletionRequest", {**COMPLETION, "vote_choices": 27}, False),
+    ("CompletionRequest", {**COMPLETION, "logprobs": 21}, False),
+    ("CompletionRequest", {**COMPLETION, "echo": 1}, False),
+    ("ChatCompletionRequest", CHAT, True),
+    ("ChatCompletionRequest", {**CHAT, "messages": []}, False),
+    ("ChatCompletionRequest", {**CHAT, "top_logprobs": 2}, False),
+    ("ChatCompletionRequest", {**CHAT, "top_logprobs": 2, "logprobs": True}, True),
+    ("ChatCompletionRequest", {**CHAT, "top_logprobs": None}, True),
+    ("ChatCompletionRequest", {**CHAT, "tools": []}, True),
+    ("ChatCompletionRequest", {**CHAT, "tools": [{"type": "function"}]}, False),
+    ("ChatCompletionRequest", {**CHAT, "response_format": {"type": "json_object"}}, False),
+    ("ChatCompletionRequest", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, False),
+    ("ChatCompletionRequest", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, False),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "valid"), AGREEMENT)
+def test_the_schema_admits_what_the_model_accepts(name: str, body: dict[str, Any], valid: bool) -> None:
+    request_type = CompletionRequest if name == "CompletionRequest" else ChatCompletionRequest
+    assert _admits(_document(), name, body) is valid, "the JSON Schema"
+    assert _accepts(request_type, body) is valid, "the server's validation"
+
+
+def _served(**overrides: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "ensemble": "consort",
+        "members": ["smollm2", "gemma3"],
+        "strategies": ["mean", "deepen", "me", "vote"],
+        "gated": ["mean", "deepen"],
+        "default_strategy": "mean",
+        "vote_kind": "free",
+        "max_tokens_limit": 128,
+        "max_queue": 8,
+        **overrides,
+    }
+    return served_document(_document(), **settings)
+
+
+@pytest.mark.parametrize(
+    ("body", "valid"),
+    [
+        ({**COMPLETION, "model": "smollm2"}, True),
+        ({**COMPLETION, "model": "gpt-4"}, False),
+        ({**COMPLETION, "model": "smollm2", "strategy": "mean"}, False),
+        ({**COMPLETION, "model": "smollm2", "weights": [1, 0]}, False),
+        ({**COMPLETION, "model": "smollm2", "gate": 0.5}, False),
+        ({**COMPLETION, "model": "smollm2", "strategy": None}, True),
+        ({**COMPLETION, "strategy": "median"}, False),
+        ({**COMPLETION, "weights": [1, 1, 1]}, False),
+        ({**COMPLETION, "gate": 0.5}, True),
+        ({**COMPLETION, "gate": 0.5, "strategy": "deepen"}, True),
+        ({**COMPLETION, "gate": 0.5, "strategy": "me"}, False),
+        ({**COMPLETION, "max_tokens": 128}, True),
+        ({**COMPLETION, "max_tokens": 129}, False),
+        ({**COMPLETION, "n": 8}, True),
+        ({**COMPLETION, "n": 9}, False),
+        ({**COMPLETION, "prompt": ["x"] * 9}, False),
+        ({**COMPLETION, "strategy": "vote", "vote_kind": "choice"}, False),
+        ({**COMPLETION, "strategy": "vote", "vote_kind": "choice", "vote_choices": 4}, True),
+        ({**COMPLETION, "strategy": "mean", "vote_kind": "choice"}, True),
+        ({**CHAT, "max_completion_tokens": 129}, False),
+        ({**CHAT, "model": "gemma3", "weights": None}, True),
+    ],
+)
+def test_the_served_document_says_what_this_ensemble_accepts(body: dict[str, Any], valid: bool) -> None:
+    name = "CompletionRequest" if "prompt" in body else "ChatCompletionRequest"
+    assert _admits(_served(), name, body) is valid
+
+
+def test_the_served_document_follows_the_default_strategy() -> None:
+    gated = _served(default_strategy="me")
+    assert not _admits(gated, "CompletionRequest", {**COMPLETION, "gate": 0.5})
+    assert _admits(gated, "CompletionRequest", {**COMPLETION, "gate": 0.5, "strategy": "mean"})
+    voting = _served(default_strategy="vote", vote_kind="choice")
+    assert not _admits(voting, "CompletionRequest", COMPLETION)
+    assert _admits(voting, "CompletionRequest", {**COMPLETION, "vote_choices": 4})
+    assert _admits(voting, "CompletionRequest", {**COMPLETION, "vote_kind": "number"})
