@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from consort.runtime.config import default_config, load_config, members_config, parse_config
@@ -44,3 +46,9 @@ def test_members_config_names_duplicates_uniquely() -> None:
     assert len({m.name for m in config.members}) == 2
     with pytest.raises(ConfigError, match="2 weights"):
         members_config(["a", "b", "c"], "mean", [1.0, 2.0])
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].joinpath("examples").glob("*.yaml")))
+def test_every_example_ensemble_loads(path: Path) -> None:
+    config = load_config(path)
+    assert len(config.members) >= 2 and config.main_member in [m.name for m in config.members]
