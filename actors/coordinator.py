@@ -147,6 +147,13 @@ class Coordinator:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
+    def _admission(self, needed: int = 1) -> None:
+        """What every way in (generate, score, echo) checks before it queues work: the loop runs, no
+        member is being restored, and the request's sequences fit in the queue."""
+        self._ensure_loop()
+        self._check_available()
+        self._check_capacity(needed)
+
     def _check_available(self) -> None:
         """While a lost member is being restored, new requests fail at once (503, Retry-After)."""
         if self.executor.lost:
@@ -179,9 +186,7 @@ class Coordinator:
         self, prompt: Prompt, params: SamplingParams, options: RequestOptions | None = None
     ) -> AsyncIterator[Delta]:
         """Admit one sequence and stream its deltas; leaving early frees it in every member."""
-        self._ensure_loop()
-        self._check_available()
-        self._check_capacity(self.core.sequences_needed(options))
+        self._admission(self.core.sequences_needed(options))
         seq_id = self.core.add(prompt, params, options)
         strategy = (options.strategy if options else None) or self.config.strategy
         self.metrics.requests.inc(tags=self.metrics.tagged(strategy=strategy))
@@ -192,9 +197,7 @@ class Coordinator:
 
     async def score(self, context: Prompt, continuation: str, options: RequestOptions | None = None) -> list[TokenLogprob]:
         """Log-probability of each piece of `continuation` (main member's tokens) after `context`, under the ensemble."""
-        self._ensure_loop()
-        self._check_available()
-        self._check_capacity()
+        self._admission()
         seq_id = add_scoring(self.core, context, continuation, options)
         return [lp async for delta in self._follow(seq_id, timed=False) for lp in delta.logprobs]
 
@@ -210,9 +213,7 @@ class Coordinator:
         if len(ids) < 2:
             return [None] * len(ids)
         head = tokenizer.decode(ids[:1])
-        self._ensure_loop()
-        self._check_available()
-        self._check_capacity()
+        self._admission()
         # One forward per member where that is exact; else piece by piece, like any scored text.
         seq_id = self.core.add_echo(head, prompt_text[len(head) :], options)
         if seq_id is None:

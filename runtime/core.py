@@ -408,10 +408,7 @@ class EnsembleCore:
                     alternatives[i][token_id] += weight * math.exp(logprob)
 
         def show(token_id: int) -> tuple[str, bytes]:
-            if token_id in echo.table.eos_ids:
-                return str(self._eos_text), b""
-            data = echo.table.token_bytes(token_id)
-            return data.decode("utf-8", errors="backslashreplace"), data
+            return self._shown(EOS_KEY if token_id in echo.table.eos_ids else echo.table.token_bytes(token_id))
 
         entries = []
         for i, token_id in enumerate(echo.continuation_ids):
@@ -635,16 +632,21 @@ class EnsembleCore:
         eos_id = min(self.ctx.table(main).eos_ids)
         return str(self.members[main].tokenizer.convert_ids_to_tokens(eos_id))
 
-    def _token_logprob(self, decision: Decision, chosen: Candidate, index: int, top_n: int) -> TokenLogprob:
-        def show(data: bytes) -> str:
-            return self._eos_text if data == EOS_KEY else data.decode("utf-8", errors="backslashreplace")
+    def _shown(self, key: bytes) -> tuple[str, bytes]:
+        """A candidate key as log-probs report it: its text, and the bytes it adds to the answer
+        (an end-of-sequence token is shown as the main member's own and adds none)."""
+        if key == EOS_KEY:
+            return self._eos_text, b""
+        return key.decode("utf-8", errors="backslashreplace"), key
 
+    def _token_logprob(self, decision: Decision, chosen: Candidate, index: int, top_n: int) -> TokenLogprob:
         order = torch.argsort(decision.logprobs, descending=True)[:top_n].tolist()
         logprob = decision.forced_logprob if index == -1 else float(decision.logprobs[index])
         assert logprob is not None
+        token, data = self._shown(chosen.key)
         return TokenLogprob(
-            token=show(chosen.key),
-            data=b"" if chosen.key == EOS_KEY else chosen.key,  # not text: it adds nothing to the answer
+            token=token,
+            data=data,
             logprob=logprob,
-            top=[(show(decision.candidates[i].key), float(decision.logprobs[i])) for i in order],
+            top=[(self._shown(decision.candidates[i].key)[0], float(decision.logprobs[i])) for i in order],
         )

@@ -67,15 +67,8 @@ def test_batched_greedy_reproduces_generate(real: tuple[Any, Any]) -> None:
     prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
     assert len({len(p) for p in prompts}) == len(prompts), "prompts must be ragged"
     produced = _engine_greedy(model, tokenizer, prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for prompt, tokens in zip(prompts, produced, strict=True):
-        generated = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            pad_token_id=pad,
-        )[0, len(prompt) :].tolist()
+        generated = _generate(model, tokenizer, prompt, NEW_TOKENS)
         assert tokens == generated, (tokenizer.decode(tokens), tokenizer.decode(generated))
 
 
