@@ -29,7 +29,7 @@ from consort.runtime.core import EnsembleCore, StepStats
 from consort.runtime.errors import ConsortError, MemberLost, Overloaded
 from consort.runtime.prompts import Prompt
 from consort.runtime.sampling import SamplingParams
-from consort.runtime.scoring import add_scoring
+from consort.runtime.scoring import add_scoring, per_main_token
 from consort.runtime.types import Delta, MemberInfo, RequestOptions, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class StepProfile:
         self.recent.append(
             {
                 "loop_seconds": seconds,
+                "rounds": stats.rounds,  # round trips to the members this step
                 "fusion_seconds": stats.fusion_seconds,
                 "member_round_trip_seconds": dict(stats.member_seconds),
                 "member_compute_seconds": step_compute,
@@ -74,7 +75,7 @@ class Coordinator:
         self.actors = {m.name: self._start_member(m.name) for m in config.members}
         infos: list[MemberInfo] = self._get([a.describe.remote() for a in self.actors.values()], 600.0)
         self.transport = resolve_transport(config.transport, self.placement.gpus)
-        self.executor = make_executor(self.transport, self.actors, config.step_timeout_s)
+        self.executor = make_executor(self.transport, self.actors, config.step_timeout_s, config.main_member)
         self.core = EnsembleCore(config, infos, self.executor)
         self._init_anchors(list(self.actors))
         if config.strategy != "vote":
@@ -199,11 +200,16 @@ class Coordinator:
         """Log-probability of each piece of `continuation` (main member's tokens) after `context`, under the ensemble."""
         self._admission()
         seq_id = add_scoring(self.core, context, continuation, options)
-        return [lp async for delta in self._follow(seq_id, timed=False) for lp in delta.logprobs]
+        pieces = [lp async for delta in self._follow(seq_id, timed=False) for lp in delta.logprobs]
+        return per_main_token(self.core, continuation, pieces)
 
     def room(self, prompt: Prompt) -> int:
         """Tokens every member's context leaves after `prompt` (the default chat max_tokens)."""
         return self.core.room(prompt)
+
+    def tokenizer(self, member: str) -> tuple[Any, int]:
+        """A member's tokenizer and its context length (the /tokenize and /detokenize routes)."""
+        return self.core.members[member].tokenizer, self.core.ctx.max_context[member]
 
     async def prompt_logprobs(self, prompt_text: str, options: RequestOptions | None = None) -> list[TokenLogprob | None]:
         """`echo` + `logprobs`: the prompt's tokens with their log-probs under the ensemble (the first has none)."""
@@ -329,6 +335,10 @@ class Coordinator:
         self.metrics.fusion.observe(stats.fusion_seconds, tags=tags)
         if deltas:  # Ray counters refuse increments of zero (a vote holds its answers back until all are in)
             self.metrics.tokens.inc(len(deltas), tags=tags)
+        for delta in deltas:
+            for note in delta.diagnostics:
+                for member in note.get("route", {}).get("members", []):
+                    self.metrics.routed.inc(tags=self.metrics.tagged(member=member))
         self.metrics.running.set(len(self.core.running), tags=tags)
 
     # -- introspection (tests, benchmarks, health) --------------------------------------------

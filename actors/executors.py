@@ -2,7 +2,10 @@
 
 Both send each member one `MemberCall` per round and get one `MemberAnswer` back;
 both bound every wait by the configured timeout and turn a dead or silent member
-into `MemberLost` naming it. The compiled graph (as vLLM's Ray executor uses)
+into `MemberLost` naming it. Under `deepen` the main member also gets the other
+members' answers of the same round, member to member (plain calls: their object
+refs in its call; the graph: its `finish` task reads their channels), and runs the
+inverse search within the round: one round trip per step for every strategy. The compiled graph (as vLLM's Ray executor uses)
 replaces a Ray task submission per member (~1 ms each, and CPU time in the
 coordinator) with writes to shared-memory channels the members' graph threads
 read: ~0.4 ms a round on a 2-core machine, against ~2 ms; its readers spin, so
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -24,6 +28,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from consort.actors.member import MemberAnswer, MemberCall
 from consort.runtime.errors import ConsortError, MemberLost
 from consort.runtime.types import InvertWork, MemberReply, SeqWork
+from consort.runtime.worker import inverting_member
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,11 @@ class MemberExecutor:
         if answer.invert_seconds:
             self.invert_compute[member] = self.invert_compute.get(member, 0.0) + answer.invert_seconds
 
-    async def _round(self, calls: Mapping[str, MemberCall]) -> dict[str, tuple[MemberAnswer, float]]:
+    async def _round(
+        self, calls: Mapping[str, MemberCall], inverting: str | None = None
+    ) -> dict[str, tuple[MemberAnswer, float]]:
+        """One round; `inverting`: the member (the main one, under `deepen`) that must get the
+        others' answers of this round for its inverse search."""
         raise NotImplementedError
 
     async def step(
@@ -66,7 +75,8 @@ class MemberExecutor:
     ) -> dict[str, MemberReply]:
         release = release or {}
         answers = await self._round(
-            {member: MemberCall(step=w, release=list(release.get(member, ()))) for member, w in works.items()}
+            {member: MemberCall(step=w, release=list(release.get(member, ()))) for member, w in works.items()},
+            inverting_member(works),
         )
         replies = {}
         for member, (answer, seconds) in answers.items():
@@ -93,12 +103,21 @@ class MemberExecutor:
 
 
 class ActorCallExecutor(MemberExecutor):
-    """One Ray actor call per member per round."""
+    """One Ray actor call per member per round. Under `deepen` the main member's call carries the
+    object refs of the others' calls of the same round: it fetches their answers itself, after its
+    own forward, and runs the inverse search; the round stays one round."""
 
     async def _call(self, member: str, call: MemberCall) -> tuple[MemberAnswer, float]:
         started = time.perf_counter()
         try:
             ref = self.actors[member].call.remote(call)
+        except RayActorError as error:
+            self.lost.add(member)
+            raise MemberLost(member, type(error).__name__) from error
+        return await self._wait(member, ref, started)
+
+    async def _wait(self, member: str, ref: Any, started: float) -> tuple[MemberAnswer, float]:
+        try:
             answer: MemberAnswer = await asyncio.wait_for(ref, timeout=self.timeout_s)
         except TimeoutError as error:
             self.lost.add(member)
@@ -109,10 +128,31 @@ class ActorCallExecutor(MemberExecutor):
         self._account(member, answer)
         return answer, time.perf_counter() - started
 
-    async def _round(self, calls: Mapping[str, MemberCall]) -> dict[str, tuple[MemberAnswer, float]]:
+    async def _round(
+        self, calls: Mapping[str, MemberCall], inverting: str | None = None
+    ) -> dict[str, tuple[MemberAnswer, float]]:
         names = list(calls)
-        answers = await asyncio.gather(*(self._call(name, calls[name]) for name in names))
-        return dict(zip(names, answers, strict=True))
+        if inverting is None:
+            answers = await asyncio.gather(*(self._call(name, calls[name]) for name in names))
+            return dict(zip(names, answers, strict=True))
+        peers = [name for name in names if name != inverting]
+        started = time.perf_counter()
+        refs = {}
+        for name in peers:
+            try:
+                refs[name] = self.actors[name].call.remote(calls[name])
+            except RayActorError as error:
+                self.lost.add(name)
+                raise MemberLost(name, type(error).__name__) from error
+        main_started = time.perf_counter()
+        main_ref = self.actors[inverting].call.remote(dataclasses.replace(calls[inverting], peers=dict(refs)))
+        # The peers first: the main member's call waits on them, so a failed or silent peer would
+        # look like a failed main member; it is the peer that is lost. The main member's wait starts
+        # once they answered (its call has run beside theirs meanwhile).
+        got = await asyncio.gather(*(self._wait(name, refs[name], started) for name in peers))
+        out = dict(zip(peers, got, strict=True))
+        out[inverting] = await self._wait(inverting, main_ref, main_started)
+        return {name: out[name] for name in names}
 
 
 class CompiledGraphExecutor(MemberExecutor):
@@ -126,9 +166,12 @@ class CompiledGraphExecutor(MemberExecutor):
     down waits on a call into every member, which a restarting member answers only late).
     """
 
-    def __init__(self, actors: dict[str, Any], timeout_s: float) -> None:
+    def __init__(self, actors: dict[str, Any], timeout_s: float, main: str | None = None) -> None:
         super().__init__(actors, timeout_s)
         self.names = list(actors)
+        # The member whose `finish` task reads the others' answers of the round (DeePEn's inverse
+        # search within the step); None: no such task, and no round may ask for one.
+        self.main = main if len(self.names) > 1 else None
         self._graph: Any = None
         self._failed: Any = None
         self._pids: dict[str, int] = {}
@@ -139,12 +182,25 @@ class CompiledGraphExecutor(MemberExecutor):
 
         self._pids = dict(zip(self.names, ray.get([self.actors[n].pid.remote() for n in self.names]), strict=True))
         with InputNode() as inputs:
-            outputs = MultiOutputNode([self.actors[name].call.bind(inputs[i]) for i, name in enumerate(self.names)])
+            nodes = {name: self.actors[name].call.bind(inputs[i]) for i, name in enumerate(self.names)}
+            if self.main is not None:
+                # The main member's second task reads its own answer and the others' from their
+                # channels (member to member): DeePEn's inverse search in the same execution.
+                main, peers = self.main, [nodes[name] for name in self.names if name != self.main]
+                nodes[main] = self.actors[main].finish.bind(inputs[self.names.index(main)], nodes[main], *peers)
+            outputs = MultiOutputNode([nodes[name] for name in self.names])
         return outputs.experimental_compile(enable_asyncio=True)
 
-    async def _round(self, calls: Mapping[str, MemberCall]) -> dict[str, tuple[MemberAnswer, float]]:
+    async def _round(
+        self, calls: Mapping[str, MemberCall], inverting: str | None = None
+    ) -> dict[str, tuple[MemberAnswer, float]]:
         if self.lost:
             raise MemberLost(sorted(self.lost)[0], "not back yet")
+        if inverting is not None and inverting != self.main:
+            raise ConsortError(
+                f"member {inverting!r} is asked for the inverse search, but the compiled graph passes the "
+                f"other members' answers to {self.main!r} only"
+            )
         if self._graph is None:
             self._teardown_failed()
             self._graph = self._compile()
@@ -289,9 +345,11 @@ def resolve_transport(transport: str, gpus: bool) -> str:
     return "compiled_graph" if gpus else "actor_calls"
 
 
-def make_executor(transport: str, actors: dict[str, Any], timeout_s: float) -> MemberExecutor:
+def make_executor(transport: str, actors: dict[str, Any], timeout_s: float, main: str | None = None) -> MemberExecutor:
+    """`main`: the member that runs DeePEn's inverse search (the compiled graph wires the other
+    members' answers to it; plain calls find it from each round's work)."""
     if transport == "compiled_graph":
-        return CompiledGraphExecutor(actors, timeout_s)
+        return CompiledGraphExecutor(actors, timeout_s, main)
     if transport == "actor_calls":
         return ActorCallExecutor(actors, timeout_s)
     raise ValueError(f"unknown member transport {transport!r} (resolve `auto` first)")

@@ -8,10 +8,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayError
 
 from consort.runtime.config import EnsembleConfig
 from consort.runtime.loop import load_worker, member_info, resolve_dtype
@@ -29,6 +31,12 @@ class MemberCall:
     invert_steps: int = 0
     invert_learning_rate: float = 0.0
     release: list[str] = field(default_factory=list)
+    # Plain actor calls under `deepen`: Ray object refs of the other members' answers to this same
+    # round, for the main member's inverse search within its step (`SeqWork.invert`). Nested in the
+    # call, Ray does not wait for them before the call starts: the main member's forward runs
+    # beside the others', and it fetches their answers (member to member, not through the
+    # coordinator) only when its forward is done. The compiled graph passes them by `finish`.
+    peers: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,8 +46,14 @@ class MemberAnswer:
 
     results: list[SeqResult] | None = None
     inverted: list[np.ndarray] | None = None  # numpy crosses the process boundary cheaper than small tensors
+    member: str = ""  # who answered (the main member's `finish` reads its peers' answers by name)
     step_seconds: float = 0.0
     invert_seconds: float = 0.0
+
+
+class PeerFailed(RuntimeError):
+    """The main member's call could not read another member's answer to the same round (that
+    member failed or died): the other member is to blame, and the executor reports it first."""
 
 
 class MemberActor:
@@ -75,8 +89,9 @@ class MemberActor:
 
     def call(self, call: MemberCall | None) -> MemberAnswer:
         """Free, step, invert (in that order), as the call asks; None: nothing this round (a graph
-        round reaches every member, `me` needs only some)."""
-        answer = MemberAnswer()
+        round reaches every member, `me` needs only some). With `peers` (deepen's main member, plain
+        calls) the step ends with the inverse search over the other members' answers of the round."""
+        answer = MemberAnswer(member=self.worker.name)
         if call is None:
             return answer
         with self._lock:
@@ -92,6 +107,8 @@ class MemberActor:
                         answer.step_seconds = time.perf_counter() - started
                         self.step_seconds += answer.step_seconds
                         self.step_calls += 1
+                    if call.peers:
+                        self._finish_inverts(call.step, answer, self._fetch_peers(call.peers))
                 if call.invert is not None:
                     started = time.perf_counter()
                     try:
@@ -106,6 +123,42 @@ class MemberActor:
             finally:
                 self._busy_since = None
         return answer
+
+    def finish(self, call: MemberCall | None, answer: MemberAnswer, *peers: MemberAnswer) -> MemberAnswer:
+        """The compiled graph's second task on the main member, after its `call` and the other
+        members' (their answers arrive through the graph's channels, not through the coordinator):
+        DeePEn's inverse search within the step, when the round asks for it; else `answer` as is."""
+        if call is None or call.step is None or answer.results is None:
+            return answer
+        if not any(work.invert is not None for work in call.step):
+            return answer
+        results = {peer.member: peer.results for peer in peers if peer.results is not None}
+        with self._lock:
+            self._busy_since = time.monotonic()
+            try:
+                self._finish_inverts(call.step, answer, results)
+            finally:
+                self._busy_since = None
+        return answer
+
+    def _fetch_peers(self, refs: dict[str, Any]) -> dict[str, list[SeqResult]]:
+        """The other members' answers to this round (their calls run beside this one)."""
+        names = list(refs)
+        try:
+            answers: list[MemberAnswer] = ray.get([refs[name] for name in names])
+        except RayError as error:
+            raise PeerFailed(f"member {self.worker.name!r} could not read the other members' answers: {error}") from error
+        return {name: answer.results for name, answer in zip(names, answers, strict=True) if answer.results is not None}
+
+    def _finish_inverts(self, works: list[SeqWork], answer: MemberAnswer, peers: dict[str, list[SeqResult]]) -> None:
+        assert answer.results is not None
+        started = time.perf_counter()
+        try:
+            self.worker.finish_inverts(works, answer.results, peers)
+        finally:
+            answer.invert_seconds = time.perf_counter() - started
+            self.invert_seconds += answer.invert_seconds
+            self.invert_calls += 1
 
     def busy_for(self) -> float | None:
         """Seconds the call in progress has run (None: idle); takes no lock, so it answers while busy."""

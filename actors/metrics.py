@@ -25,6 +25,9 @@ class EnsembleMetrics:
         self.steps = metrics.Counter("consort_steps", "Sequence-steps taken.", tag_keys=keys)
         self.fused_steps = metrics.Counter("consort_fused_steps", "Sequence-steps that fused members.", tag_keys=keys)
         self.draws = metrics.Counter("consort_member_draws", "Steps a member was drawn (me).", tag_keys=(*keys, "member"))
+        self.routed = metrics.Counter(
+            "consort_routed_requests", "Requests the route strategy sent to a member.", tag_keys=(*keys, "member")
+        )
         self.ttft = metrics.Histogram(
             "consort_time_to_first_token_seconds", "Time to first token.", LATENCY_BOUNDARIES, tag_keys=keys
         )

@@ -113,6 +113,8 @@ def main() -> None:
         "smollm2 alone, piece by piece": (pair, RequestOptions(strategy="me", weights=[1, 0], logprobs=1), False, prefill["smollm2"]),
         "gemma3 alone, one forward": (pair, RequestOptions(strategy="me", weights=[0, 1], logprobs=1), True, prefill["gemma3"]),
         "mean of two members sharing a vocabulary, one forward": (twins, RequestOptions(strategy="mean", logprobs=1), True, prefill["smollm2"]),
+        "mean of smollm2 + gemma3 (different vocabularies), one forward each (text level)": (
+            pair, RequestOptions(strategy="mean", logprobs=1), True, max(prefill.values())),
         "mean of smollm2 + gemma3 (different vocabularies), piece by piece": (
             pair, RequestOptions(strategy="mean", logprobs=1), False, max(prefill.values())),
     }

@@ -178,6 +178,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_main(args.rest)
 
 
+def cmd_route_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from consort.runtime.routing.training import train_from_records
+
+    summary = train_from_records(
+        Path(args.records), args.cheap, args.strong, Path(args.out), group=args.group, embedder=args.embedder,
+        test_share=args.test_share, sharpness=args.sharpness,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="consort", description="Several language models answering as one.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -228,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="Ray cluster address; default: start a local Ray")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("route", help="routers of the route strategy")
+    route = p.add_subparsers(dest="route_command", required=True)
+    p = route.add_parser("train", help="train the learned (RouteLLM) router on the dev split of eval records")
+    p.add_argument("--records", required=True, help="folder of <member>/<group>/predictions.jsonl (consort eval --out)")
+    p.add_argument("--group", help="only this group of records (e.g. mc); default: every group")
+    p.add_argument("--cheap", required=True, help="the cheap member's name in the records")
+    p.add_argument("--strong", required=True, help="the strong member's name in the records")
+    p.add_argument("--out", required=True, help="the router file to write (.npz); name it in route.learned.path")
+    p.add_argument("--embedder", choices=["minilm", "hashing"], default="minilm", help="query embeddings")
+    p.add_argument("--test-share", type=float, default=0.5, help="share of questions held out as test (by hash)")
+    p.add_argument("--sharpness", type=float, default=10.0, help="similarity weighting: exp(sharpness·(sim−max))")
+    p.set_defaults(func=cmd_route_train)
 
     p = sub.add_parser("eval", help="evaluate members and strategies on benchmarks", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -29,6 +29,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 from consort.deploy import errors
 from consort.deploy.auth import ApiKeyMiddleware
 from consort.deploy.errors import Unavailable
+from consort.deploy.feedback import FeedbackRequest, FeedbackResponse, FeedbackService
 from consort.deploy.metrics import CONTENT_TYPE, MetricsMirror
 from consort.deploy.openai_api import (
     ChatCompletionChunk,
@@ -45,6 +46,13 @@ from consort.deploy.openai_api import (
     without_422,
 )
 from consort.deploy.service import OpenAIService
+from consort.deploy.tokenize_api import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerService,
+)
 from consort.runtime import fusion
 from consort.runtime.config import EnsembleConfig, default_config, load_config, parse_config
 from consort.runtime.errors import ConfigError
@@ -189,6 +197,8 @@ class EnsembleServer:
         self.coordinator = await asyncio.to_thread(Coordinator, self.config, in_serve_replica=True)
         self.mirror.mirror(self.coordinator.metrics)
         self.service = OpenAIService(self.coordinator, self.config)
+        self.feedback = FeedbackService(self.config)
+        self.tokenizers = TokenizerService(self.coordinator, self.config)
         self._document: dict[str, Any] | None = None
         log.info("ensemble %s ready: %s", self.config.name, ", ".join(m.name for m in self.config.members))
 
@@ -211,6 +221,37 @@ class EnsembleServer:
     )
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         return _answer(await self.service.chat(body))
+
+    # Not in the OpenAPI document: whether a schema-valid body is accepted depends on the server's state
+    # (a request id it routed, a configured store), which the document cannot state, and the document
+    # promises that what it admits is served (tests/integration/test_openapi_fuzz.py). README documents it.
+    @api.post(
+        "/v1/feedback",
+        include_in_schema=False,
+        response_model=FeedbackResponse,
+        responses={
+            400: _error("The body is malformed or names an unknown member; nothing was stored."),
+            **_AUTH_ERRORS,
+            404: _error("No routed request has this id."),
+        },
+    )
+    async def feedback(self, body: FeedbackRequest) -> Response:
+        """A preference or a score for a routed request: every replica's router reads it before its next decision."""
+        # SQLite blocks for the length of one short write: off the replica's event loop.
+        return _json(await asyncio.to_thread(self.feedback.submit, body))
+
+    # vLLM's tokenizer routes, at its paths (outside /v1, so not behind API keys: a tokenizer is no secret).
+    # Not in the OpenAPI document, like /v1/feedback: which model ids and token ids are valid depends on the
+    # ensemble, and the document promises that what it admits is served; README documents them.
+    @api.post("/tokenize", include_in_schema=False, response_model=TokenizeResponse)
+    async def tokenize(self, body: TokenizeRequest) -> Response:
+        """A prompt or a conversation in the tokens of the model named (the ensemble: its main member)."""
+        return _json(await asyncio.to_thread(self.tokenizers.tokenize, body))
+
+    @api.post("/detokenize", include_in_schema=False, response_model=DetokenizeResponse)
+    async def detokenize(self, body: DetokenizeRequest) -> Response:
+        """The text of token ids of the model named."""
+        return _json(self.tokenizers.detokenize(body))
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> Response:

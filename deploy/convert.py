@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import dataclass, replace
+from typing import Any
 
 from consort.deploy.errors import QueueCapacityExceeded
 from consort.deploy.openai_api import (
@@ -16,11 +18,14 @@ from consort.deploy.openai_api import (
     TopLogprob,
 )
 from consort.runtime.config import EnsembleConfig
-from consort.runtime.errors import InvalidRequest, ModelNotFound
+from consort.runtime.constraints import Constraint
+from consort.runtime.constraints.engine import compile_grammar
+from consort.runtime.constraints.tools import call_constraint
+from consort.runtime.errors import InvalidRequest, ModelNotFound, UnparsableContent
 from consort.runtime.prompts import ChatMessage, Prompt
 from consort.runtime.sampling import SamplingParams
 from consort.runtime.types import RequestOptions, TokenLogprob
-from consort.runtime.vote_groups import VoteStrategy
+from consort.runtime.vote_groups import sequences_needed
 
 
 def model_options(model: str, config: EnsembleConfig) -> RequestOptions:
@@ -51,17 +56,20 @@ def request_options(
         vote_samples=request.vote_samples,
         vote_kind=request.vote_kind,
         vote_choices=request.vote_choices,
+        member_accuracy=request.member_accuracy,
+        cot_branches=request.cot_branches,
+        debate_rounds=request.debate_rounds,
     )
 
 
 def check_capacity(jobs: int, options: RequestOptions, config: EnsembleConfig) -> None:
     """Refuse a request that needs more sequences than the admission queue holds: it can never be admitted
     whole, so a 429 would have its client retry forever; 400 says to split it."""
-    voting = (options.strategy or config.strategy) == VoteStrategy.name
-    per_job = (options.vote_samples or config.vote.samples) if voting else 1
+    per_job = sequences_needed(config, options)
     needed = jobs * per_job
     if needed > config.max_queue:
-        what = "prompts × n × vote_samples" if voting else "prompts × n"
+        strategy = options.strategy or config.strategy
+        what = "prompts × n" if per_job == 1 else f"prompts × n × vote_samples ({per_job} for {strategy})"
         raise QueueCapacityExceeded(
             f"this request needs {needed} sequences at once ({what}); this ensemble queues at most "
             f"{config.max_queue}: split it into smaller requests"
@@ -75,7 +83,10 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 
 def sampling_params(
-    request: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, choice: int
+    request: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+    choice: int,
+    constraint: Constraint | None = None,
 ) -> SamplingParams:
     """Validated sampling parameters of one choice (choice i of a seeded request is seeded seed + i)."""
     if max_tokens is not None and max_tokens <= 0:
@@ -88,24 +99,117 @@ def sampling_params(
         max_tokens=max_tokens,
         stop=stop_list(request.stop),
         ignore_eos=request.ignore_eos,
+        constraint=constraint,
     )
+
+
+def _checked(constraint: Constraint, param: str) -> Constraint:
+    """The constraint, its grammar validated now: an unusable schema or regex is this request's 400."""
+    try:
+        compile_grammar(constraint)
+    except InvalidRequest as error:
+        error.param = param  # type: ignore[attr-defined]
+        raise
+    return constraint
+
+
+def output_constraint(request: EnsembleFields) -> Constraint | None:
+    """The structured output a request asks for (response_format, or vLLM's fields), validated; None for text."""
+    found: list[tuple[str, Constraint]] = []
+    response_format = request.response_format
+    if response_format is not None and response_format.type == "json_object":
+        found.append(("response_format", Constraint(kind="json_object")))
+    elif response_format is not None and response_format.json_schema is not None:
+        schema = response_format.json_schema.schema_
+        kind = "json_schema" if schema is not None else "json_object"
+        found.append(("response_format", Constraint(kind=kind, json_schema=schema)))
+    outputs = request.structured_outputs
+    if outputs is not None:
+        if outputs.json_ is not None:
+            found.append(("structured_outputs", Constraint(kind="json_schema", json_schema=outputs.json_)))
+        elif outputs.regex is not None:
+            found.append(("structured_outputs", Constraint(kind="regex", regex=outputs.regex)))
+        elif outputs.choice is not None:
+            found.append(("structured_outputs", Constraint(kind="choice", choices=outputs.choice)))
+        elif outputs.grammar is not None:
+            found.append(("structured_outputs", Constraint(kind="grammar", grammar_text=outputs.grammar)))
+        else:
+            found.append(("structured_outputs", Constraint(kind="json_object")))
+    if request.guided_json is not None:
+        found.append(("guided_json", Constraint(kind="json_schema", json_schema=request.guided_json)))
+    if request.guided_regex is not None:
+        found.append(("guided_regex", Constraint(kind="regex", regex=request.guided_regex)))
+    if request.guided_choice is not None:
+        found.append(("guided_choice", Constraint(kind="choice", choices=request.guided_choice)))
+    if len(found) > 1:
+        names = ", ".join(name for name, _ in found)
+        raise InvalidRequest(f"one structured output at a time: this request sets {names}")
+    return _checked(found[0][1], found[0][0]) if found else None
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a chat request's tools ask of the answer."""
+
+    tools: list[dict[str, Any]]  # OpenAI tool definitions, for the members' prompts
+    constraint: Constraint | None  # required or a named function: the calls' grammar
+
+
+def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
+    """The request's tools; None when there are none or tool_choice is none (the tools are then not shown)."""
+    choice = request.tool_choice
+    if not request.tools:
+        if choice is not None and choice != "none":
+            raise InvalidRequest("tool_choice needs tools")
+        return None
+    if choice == "none":
+        return None
+    tools = [t.model_dump(exclude_none=True) for t in request.tools]
+    names = [t.function.name for t in request.tools]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("tool names must be unique")
+    if choice is None or choice == "auto":
+        return ToolPlan(tools, None)
+    name = None if choice == "required" else choice.function.name
+    parallel = request.parallel_tool_calls is not False and name is None
+    return ToolPlan(tools, _checked(call_constraint(tools, name, parallel), "tools"))
 
 
 def _message_text(message: ChatMessageIn) -> str:
     if isinstance(message.content, str):
         return message.content
     # Only text parts pass validation (ContentPart), each with its text.
-    return "".join(part.text for part in message.content)
+    return "".join(part.text for part in message.content or [])
 
 
-def chat_prompt(messages: list[ChatMessageIn]) -> Prompt:
+def _calls(message: ChatMessageIn) -> list[dict[str, Any]] | None:
+    if not message.tool_calls:
+        return None
+    calls = []
+    for call in message.tool_calls:
+        try:
+            arguments = json.loads(call.function.arguments)
+        except json.JSONDecodeError as error:
+            raise UnparsableContent(
+                f"the arguments of tool call {call.id!r} are not JSON: {error.msg} at {error.pos}"
+            ) from error
+        calls.append({"name": call.function.name, "arguments": arguments})
+    return calls
+
+
+def chat_prompt(messages: list[ChatMessageIn], tools: list[dict[str, Any]] | None = None) -> Prompt:
     if not messages:
         raise InvalidRequest("messages must not be empty")
     converted = [
-        ChatMessage(role="system" if m.role == "developer" else m.role, content=_message_text(m))
+        ChatMessage(
+            role="system" if m.role == "developer" else m.role,
+            content="" if m.content is None else _message_text(m),
+            tool_calls=_calls(m),
+            tool_call_id=m.tool_call_id,
+        )
         for m in messages
     ]
-    return Prompt(messages=converted)
+    return Prompt(messages=converted, tools=tools)
 
 
 def completion_prompts(prompt: str | list[str]) -> list[Prompt]:

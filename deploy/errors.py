@@ -26,6 +26,7 @@ from consort.runtime.errors import (
     ModelNotFound,
     Overloaded,
     PromptTooLong,
+    UnparsableContent,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ _CODES: list[tuple[type[ConsortError], str]] = [
     (Overloaded, "rate_limit_exceeded"),
     (MemberLost, "member_lost"),
     (QueueCapacityExceeded, "queue_capacity_exceeded"),
+    (UnparsableContent, "unparsable_content"),
 ]
 
 

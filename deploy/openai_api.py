@@ -22,11 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic.json_schema import JsonDict, models_json_schema
 
 from consort.runtime.types import VoteKind
+from consort.runtime.vote_groups import CHECKED_OPTIONS, answer_strategies, strategies_reading
 
 REF = "#/components/schemas/"
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_VOTE_SAMPLES = 64
+MAX_TOOLS = 128
+MAX_COT_BRANCHES = 20
+MAX_DEBATE_ROUNDS = 8
 CHOICE_LETTERS = 26  # vote kind=choice reads answers as the letters A-Z
 # Seeds are 64-bit signed (as OpenAI's); choice i and the runtime's derived streams add small offsets.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -39,13 +43,97 @@ UNSUPPORTED = {
     "logit_bias": "only empty",
     "suffix": "only empty",
     "best_of": "only equal to n",
-    "tools": "only empty",
-    "response_format": "only {'type': 'text'}",
 }
 
 NonNegative = Annotated[float, Field(ge=0.0)]
+Accuracy = Annotated[float, Field(ge=0.0, le=1.0)]
 StopString = Annotated[str, Field(min_length=1)]
 PromptText = Annotated[str, Field(min_length=1)]
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    name: str = Field(description="The schema's name (accepted, not used).")
+    description: str | None = Field(default=None, description="What the schema is for (accepted, not used).")
+    schema_: dict[str, Any] | None = Field(
+        default=None,
+        alias="schema",
+        description="The JSON schema the answer validates against (absent: any object).",
+    )
+    strict: bool | None = Field(default=None, description="Accepted; the schema is always enforced.")
+
+
+def _schema_with_its_type(schema: JsonDict) -> None:
+    schema.setdefault("allOf", []).append(  # type: ignore[union-attr]
+        {
+            "if": {"required": ["type"], "properties": {"type": {"const": "json_schema"}}},
+            "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}},
+            "else": {"properties": {"json_schema": {"type": "null"}}},
+        }
+    )
+
+
+class ResponseFormat(BaseModel):
+    """The format of the answer: plain text, any JSON object, or JSON valid for a schema."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_schema_with_its_type)
+
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        default="text", description="text, json_object or json_schema."
+    )
+    json_schema: JsonSchemaFormat | None = Field(
+        default=None, description="With type json_schema: the schema."
+    )
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly when type is json_schema")
+        return self
+
+
+def _exactly_one_output(schema: JsonDict) -> None:
+    given = [
+        {"required": [name], "properties": {name: {"type": kind}}}
+        for name, kind in (
+            ("json", "object"),
+            ("regex", "string"),
+            ("choice", "array"),
+            ("grammar", "string"),
+        )
+    ]
+    given.append({"required": ["json_object"], "properties": {"json_object": {"const": True}}})
+    schema["oneOf"] = given  # type: ignore[assignment]
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs request field: exactly one of its members."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, populate_by_name=True, json_schema_extra=_exactly_one_output
+    )
+
+    json_: dict[str, Any] | None = Field(default=None, alias="json", description="A JSON schema.")
+    regex: str | None = Field(default=None, description="A regular expression the whole answer matches.")
+    choice: list[str] | None = Field(default=None, min_length=1, description="The answer is one of these.")
+    grammar: str | None = Field(default=None, description="A Lark grammar (llguidance's dialect).")
+    json_object: bool | None = Field(default=None, description="true: any JSON object.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [
+            v
+            for v in (self.json_, self.regex, self.choice, self.grammar, self.json_object or None)
+            if v is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs takes exactly one of json, regex, choice, grammar, json_object"
+            )
+        return self
 
 
 class EnsembleFields(BaseModel):
@@ -59,22 +147,42 @@ class EnsembleFields(BaseModel):
     strategy: str | None = Field(
         default=None,
         description="Ensemble strategy for this request (one of the registered strategies: mean, deepen, me, "
-        "vote); not with a single member's model id.",
+        "vote, mux, debate, route); not with a single member's model id.",
     )
     vote_samples: int | None = Field(
         default=None,
         ge=1,
         le=MAX_VOTE_SAMPLES,
-        description="vote: how many complete answers to sample across the members.",
+        description="vote: how many complete answers to sample across the members; mux: how many per member.",
     )
     vote_kind: VoteKind | None = Field(
-        default=None, description="vote: compare answers as number, choice, span or free text (embeddings)."
+        default=None,
+        description="vote, mux, debate: compare answers as number, choice, span or free text (embeddings).",
     )
     vote_choices: int | None = Field(
         default=None,
         ge=2,
         le=CHOICE_LETTERS,
-        description="vote with kind=choice: how many options (lettered A, B, ...) the question has.",
+        description="vote, mux, debate with kind=choice: how many options (lettered A, B, ...) the question has.",
+    )
+    member_accuracy: list[Accuracy] | None = Field(
+        default=None,
+        description="mux: each member's dev accuracy, in config order, one per member; breaks ties in agreement "
+        "(higher wins). Overrides the configured mux.accuracy.",
+    )
+    cot_branches: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_COT_BRANCHES,
+        description="vote, mux: answer by CoT-decoding instead of sampling: each member continues each of its "
+        "cot_branches most likely first tokens greedily; vote takes each member's most confident path, mux "
+        "treats the paths as the member's samples. Not with vote_samples.",
+    )
+    debate_rounds: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_DEBATE_ROUNDS,
+        description="debate: rounds in which every member reads the others' answers and revises.",
     )
     weights: list[NonNegative] | None = Field(
         default=None,
@@ -101,6 +209,24 @@ class EnsembleFields(BaseModel):
         default=None, max_length=0, description="Not supported; only empty is accepted."
     )
     user: str | None = Field(default=None, description="End-user id (accepted, not used).")
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="text, json_object, or json_schema (OpenAI's shapes): the answer is enforced to parse and "
+        "validate, on whatever the ensemble samples from. An unusable schema is a 400.",
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None,
+        description="vLLM's structured outputs: one of json, regex, choice, grammar, json_object.",
+    )
+    guided_json: dict[str, Any] | None = Field(
+        default=None, description="vLLM's older name of structured_outputs.json (a JSON schema)."
+    )
+    guided_regex: str | None = Field(
+        default=None, description="vLLM's older name of structured_outputs.regex."
+    )
+    guided_choice: list[str] | None = Field(
+        default=None, min_length=1, description="vLLM's older name of structured_outputs.choice."
+    )
 
     @field_validator("weights")
     @classmethod
@@ -213,22 +339,115 @@ class ContentPart(BaseModel):
     text: str = Field(description="The text of the part.")
 
 
+class FunctionCallIn(BaseModel):
+    """A function call an assistant turn made."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(description="The function called.")
+    arguments: str = Field(description="Its arguments, a JSON object as text.")
+
+
+class ToolCallIn(BaseModel):
+    """One tool call of an earlier assistant turn."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str = Field(description="The call's id; a tool turn answering it names it in tool_call_id.")
+    type: Literal["function"] = Field(default="function", description="Always 'function'.")
+    function: FunctionCallIn = Field(description="The function and its arguments.")
+
+
+def _message_rules(schema: JsonDict) -> None:
+    """content is required (not null) except in an assistant turn with tool calls; a tool turn names its call."""
+    schema.setdefault("allOf", []).extend(  # type: ignore[union-attr]
+        [
+            {
+                "anyOf": [
+                    {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                    {
+                        "required": ["role", "tool_calls"],
+                        "properties": {
+                            "role": {"const": "assistant"},
+                            "tool_calls": {"type": "array", "minItems": 1},
+                        },
+                    },
+                ]
+            },
+            {
+                "if": {"required": ["role"], "properties": {"role": {"const": "tool"}}},
+                "then": {
+                    "required": ["tool_call_id"],
+                    "properties": {"tool_call_id": {"type": "string", "minLength": 1}},
+                },
+            },
+        ]
+    )
+
+
 class ChatMessageIn(BaseModel):
     """One turn of the conversation sent by the client."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_message_rules)
 
-    role: Literal["system", "developer", "user", "assistant"] = Field(description="Who speaks.")
-    content: str | list[ContentPart] = Field(description="The turn's text, or a list of text parts.")
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Who speaks.")
+    content: str | list[ContentPart] | None = Field(
+        default=None,
+        description="The turn's text, or a list of text parts (null only for an assistant's tool calls).",
+    )
     name: str | None = Field(default=None, description="Speaker name (accepted, not used).")
+    tool_calls: list[ToolCallIn] | None = Field(
+        default=None, description="assistant: the tool calls it made."
+    )
+    tool_call_id: str | None = Field(default=None, description="tool: the id of the call this turn answers.")
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessageIn:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required, except in an assistant turn with tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool turn needs the tool_call_id it answers")
+        return self
 
 
-class ResponseFormat(BaseModel):
-    """The format of the answer; only plain text."""
+class FunctionDefinition(BaseModel):
+    """A function the model may call."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    type: Literal["text"] = Field(default="text", description="Only 'text' is supported.")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The function's name.")
+    description: str | None = Field(default=None, description="What it does (shown to the members).")
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON schema of its arguments (an object); forced calls validate against it.",
+    )
+    strict: bool | None = Field(default=None, description="Accepted; forced calls are always enforced.")
+
+
+class ToolDefinition(BaseModel):
+    """One tool: a function."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"] = Field(description="Always 'function'.")
+    function: FunctionDefinition = Field(description="The function.")
+
+
+class NamedFunction(BaseModel):
+    """The function tool_choice names."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(description="Its name, one of the tools'.")
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice naming one function: the answer is a call of it."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"] = Field(description="Always 'function'.")
+    function: NamedFunction = Field(description="The function to call.")
 
 
 def _top_logprobs_needs_logprobs(schema: JsonDict) -> None:
@@ -282,11 +501,19 @@ class ChatCompletionRequest(EnsembleFields):
     seed: int | None = Field(
         default=None, ge=SEED_MIN, le=SEED_MAX, description="Seed (64-bit); choice i uses seed + i."
     )
-    tools: list[dict[str, Any]] | None = Field(
-        default=None, max_length=0, description="Not supported; only empty is accepted."
+    tools: list[ToolDefinition] | None = Field(
+        default=None,
+        max_length=MAX_TOOLS,
+        description="Functions the answer may call; rendered by the main member's chat template (or the "
+        "documented fallback) and answered as tool_calls.",
     )
-    response_format: ResponseFormat | None = Field(
-        default=None, description="Only {'type': 'text'} is supported."
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description="none: no calls; auto (default with tools): the ensemble decides; required: at least one "
+        "call; a named function: a call of it. required and named calls are constrained to the parameters' schema.",
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="Whether one answer may hold several calls (default true)."
     )
 
     @field_validator("top_logprobs")
@@ -298,6 +525,18 @@ class ChatCompletionRequest(EnsembleFields):
 
 
 # -- responses -------------------------------------------------------------------------------------
+
+
+class RoutingInfo(BaseModel):
+    """Which member(s) answered a choice of the `route` strategy, and why."""
+
+    index: int = Field(description="Choice index.")
+    members: list[str] = Field(description="The member(s) the router chose to answer.")
+    router: str = Field(description="The router that chose them: elo, learned, bandit or random.")
+    scores: dict[str, float] = Field(description="The router's score of each member for this request.")
+
+
+ROUTING_DESCRIPTION = "With the route strategy: which member(s) answered each choice (null otherwise)."
 
 
 class Usage(BaseModel):
@@ -360,6 +599,7 @@ class CompletionResponse(BaseModel):
     model: str = Field(description="Model id that answered.")
     choices: list[CompletionChoice] = Field(description="The choices (in a chunk: those with news).")
     usage: Usage | None = Field(default=None, description="Token counts (last chunk only when streaming).")
+    routing: list[RoutingInfo] | None = Field(default=None, description=ROUTING_DESCRIPTION)
 
 
 class TopLogprob(BaseModel):
@@ -385,13 +625,57 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = Field(default=None, description="One entry per generated token.")
 
 
+class FunctionCallOut(BaseModel):
+    """A called function and its arguments."""
+
+    name: str = Field(description="The function's name.")
+    arguments: str = Field(description="Its arguments: a JSON object, as text.")
+
+
+class ToolCallOut(BaseModel):
+    """One tool call of the answer."""
+
+    id: str = Field(description="The call's id (a tool turn answering it names it).")
+    type: Literal["function"] = Field(default="function", description="Always 'function'.")
+    function: FunctionCallOut = Field(description="The function and its arguments.")
+
+
+class FunctionCallDelta(BaseModel):
+    """A piece of a streamed function call."""
+
+    name: str | None = Field(default=None, description="The function's name (in the call's first piece).")
+    arguments: str | None = Field(default=None, description="The next piece of the arguments' JSON text.")
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed tool call; pieces with the same index make one call."""
+
+    index: int = Field(description="Which call of the answer this piece belongs to.")
+    id: str | None = Field(default=None, description="The call's id (in its first piece).")
+    type: Literal["function"] | None = Field(default=None, description="'function' (in its first piece).")
+    function: FunctionCallDelta = Field(description="The name or a piece of the arguments.")
+
+
 class ChatMessageOut(BaseModel):
     """The assistant's answer (or, in a chunk, a piece of it)."""
 
     role: Literal["assistant"] | None = Field(
         default=None, description="'assistant' (first chunk only when streaming)."
     )
-    content: str | None = Field(default=None, description="The text.")
+    content: str | None = Field(
+        default=None, description="The text (null for an answer that is only tool calls)."
+    )
+    tool_calls: list[ToolCallOut] | None = Field(default=None, description="The tool calls of the answer.")
+
+
+class ChatDelta(BaseModel):
+    """In a stream chunk: the news of one choice."""
+
+    role: Literal["assistant"] | None = Field(
+        default=None, description="'assistant' (a choice's first chunk)."
+    )
+    content: str | None = Field(default=None, description="New text.")
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, description="New pieces of tool calls.")
 
 
 class ChatChoice(BaseModel):
@@ -400,7 +684,9 @@ class ChatChoice(BaseModel):
     index: int = Field(description="Choice index.")
     message: ChatMessageOut = Field(description="The answer.")
     logprobs: ChatLogprobs | None = Field(default=None, description="Token log-probs when asked for.")
-    finish_reason: Literal["stop", "length"] | None = Field(default=None, description="Why it ended.")
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = Field(
+        default=None, description="Why it ended (tool_calls: the answer is tool calls)."
+    )
 
 
 class ChatCompletionResponse(BaseModel):
@@ -414,17 +700,20 @@ class ChatCompletionResponse(BaseModel):
     model: str = Field(description="Model id that answered.")
     choices: list[ChatChoice] = Field(description="The answers.")
     usage: Usage = Field(description="Token counts.")
+    routing: list[RoutingInfo] | None = Field(default=None, description=ROUTING_DESCRIPTION)
 
 
 class ChatChunkChoice(BaseModel):
     """One choice's news in a stream chunk."""
 
     index: int = Field(description="Choice index.")
-    delta: ChatMessageOut = Field(description="New text (and the role, in a choice's first chunk).")
+    delta: ChatDelta = Field(
+        description="New text or tool-call pieces (and the role, in a choice's first chunk)."
+    )
     logprobs: ChatLogprobs | None = Field(
         default=None, description="Log-probs of the new tokens when asked for."
     )
-    finish_reason: Literal["stop", "length"] | None = Field(
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = Field(
         default=None, description="Set in the choice's last chunk."
     )
 
@@ -440,6 +729,7 @@ class ChatCompletionChunk(BaseModel):
     model: str = Field(description="Model id that answered.")
     choices: list[ChatChunkChoice] = Field(description="Choices with news (empty in the usage chunk).")
     usage: Usage | None = Field(default=None, description="Token counts, in the last chunk if asked for.")
+    routing: list[RoutingInfo] | None = Field(default=None, description=ROUTING_DESCRIPTION)
 
 
 class ErrorDetail(BaseModel):
@@ -535,8 +825,6 @@ def served_document(
     """
     doc = copy.deepcopy(document)
     schemas = doc["components"]["schemas"]
-    # The strategy that runs when a request names none (null or absent).
-    default = [default_strategy, None]
     for name, limited in (
         ("CompletionRequest", ("max_tokens",)),
         ("ChatCompletionRequest", ("max_tokens", "max_completion_tokens")),
@@ -572,11 +860,8 @@ def served_document(
             gate_then = {"required": ["strategy"], "properties": {"strategy": {"enum": gated}}}
         rules.append({"if": gate_given, "then": gate_then})
         # Voting on choice letters needs the number of choices.
-        voting = (
-            {"properties": {"strategy": {"enum": default}}}
-            if default_strategy == "vote"
-            else {"required": ["strategy"], "properties": {"strategy": {"const": "vote"}}}
-        )
+        comparing = [s for s in answer_strategies() if s in strategies]
+        voting = _strategy_in(comparing, default_strategy)
         kind = {"properties": {"vote_kind": {"enum": ["choice", *([None] if vote_kind == "choice" else [])]}}}
         if vote_kind != "choice":
             kind["required"] = ["vote_kind"]
@@ -586,7 +871,47 @@ def served_document(
                 "then": {"required": ["vote_choices"], "properties": {"vote_choices": {"type": "integer"}}},
             }
         )
+        _answer_option_rules(rules, props, strategies, default_strategy, len(members))
     return doc
+
+
+def _given(field: str, kind: str) -> dict[str, Any]:
+    return {"required": [field], "properties": {field: {"type": kind}}}
+
+
+def _strategy_in(names: list[str], default_strategy: str) -> dict[str, Any]:
+    """Requests whose strategy (named, or the default when none is) is one of `names`."""
+    if default_strategy in names:
+        return {"properties": {"strategy": {"enum": [*names, None]}}}
+    return {"required": ["strategy"], "properties": {"strategy": {"enum": names}}}
+
+
+def _answer_option_rules(
+    rules: list[dict[str, Any]],
+    props: dict[str, Any],
+    strategies: list[str],
+    default_strategy: str,
+    members: int,
+) -> None:
+    """The options only some answer-level strategies read are refused elsewhere; some exclude each other."""
+    accuracy = _typed(props["member_accuracy"], "array")
+    accuracy["minItems"] = accuracy["maxItems"] = members
+    kinds = {"member_accuracy": "array", "cot_branches": "integer", "debate_rounds": "integer"}
+    for option in CHECKED_OPTIONS:
+        readers = [s for s in strategies_reading(option) if s in strategies]
+        rules.append({"if": _given(option, kinds[option]), "then": _strategy_in(readers, default_strategy)})
+    # CoT-decoding's paths replace the sampled answers: not both.
+    both = {"allOf": [_given("cot_branches", "integer"), _given("vote_samples", "integer")]}
+    rules.append({"if": both, "then": {"not": {}}})
+    # A debate's members answer once a round: no number of samples.
+    if default_strategy == "debate":
+        no_debate: dict[str, Any] = {
+            "required": ["strategy"],
+            "properties": {"strategy": {"not": {"enum": ["debate", None]}}},
+        }
+    else:
+        no_debate = {"properties": {"strategy": {"not": {"const": "debate"}}}}
+    rules.append({"if": _given("vote_samples", "integer"), "then": no_debate})
 
 
 class HealthResponse(BaseModel):

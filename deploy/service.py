@@ -8,6 +8,7 @@ async iterator of server-sent-event lines when `stream` is set.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -17,12 +18,14 @@ from typing import Any
 
 from consort.deploy import convert
 from consort.deploy.errors import sse_error
+from consort.deploy.feedback import routed, routing_info
 from consort.deploy.openai_api import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatDelta,
     ChatMessageOut,
     CompletionChoice,
     CompletionLogprobs,
@@ -33,6 +36,7 @@ from consort.deploy.openai_api import (
     Usage,
 )
 from consort.deploy.streams import Engine, Job, Primed, collect, merge, prime_all
+from consort.deploy.tool_calls import ToolDeltas, answer_message
 from consort.runtime.config import EnsembleConfig
 from consort.runtime.errors import ConsortError, InvalidRequest
 from consort.runtime.prompts import Prompt
@@ -85,18 +89,25 @@ class OpenAIService:
 
     # -- completions ---------------------------------------------------------------------------
     async def completions(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         options = convert.request_options(request, request.model, self.config, request.logprobs)
+        options = dataclasses.replace(options, request_id=rid)  # a routed request's decision is kept under it
         prompts = convert.completion_prompts(request.prompt)
         convert.check_capacity(len(prompts) * request.n, options, self.config)
+        constraint = convert.output_constraint(request)
         jobs = [
-            Job(p * request.n + i, prompt, convert.sampling_params(request, request.max_tokens, i), options)
+            Job(
+                p * request.n + i,
+                prompt,
+                convert.sampling_params(request, request.max_tokens, i, constraint),
+                options,
+            )
             for p, prompt in enumerate(prompts)
             for i in range(request.n)
         ]
         # After validating every field: scoring the prompt is work a bad request should not cost.
         echoed = await self._echo(prompts, options) if request.echo else None
         streams = await prime_all(self.engine, jobs)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
             return guarded(self._stream_completion(request, streams, rid, created, prompts, echoed))
         finished = await collect(streams)
@@ -112,7 +123,12 @@ class OpenAIService:
                 CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=item.finish_reason)
             )
         return CompletionResponse(
-            id=rid, created=created, model=request.model, choices=choices, usage=_usage(finished, request.n)
+            id=rid,
+            created=created,
+            model=request.model,
+            choices=choices,
+            usage=_usage(finished, request.n),
+            routing=routing_info(finished),
         )
 
     async def _echo(self, prompts: list[Prompt], options: RequestOptions) -> list[list[TokenLogprob]] | None:
@@ -133,9 +149,11 @@ class OpenAIService:
         prompts: list[Prompt],
         echoed: list[list[TokenLogprob]] | None,
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None, routing: Any = None) -> str:
             return sse(
-                CompletionResponse(id=rid, created=created, model=request.model, choices=choices, usage=usage)
+                CompletionResponse(
+                    id=rid, created=created, model=request.model, choices=choices, usage=usage, routing=routing
+                )
             )
 
         offsets = {p.index: 0 for p in streams}
@@ -149,7 +167,8 @@ class OpenAIService:
                 yield chunk([CompletionChoice(index=p.index, text=prompt_text, logprobs=logprobs)])
         async for index, delta in merge(streams):
             finished[index].add(delta)
-            if not delta.text and not delta.logprobs and delta.finish_reason is None:
+            info = routed(index, delta.diagnostics)
+            if not delta.text and not delta.logprobs and delta.finish_reason is None and info is None:
                 continue  # text held back (a possible stop string, a split character): nothing to say yet
             logprobs: CompletionLogprobs | None = None
             if request.logprobs is not None:
@@ -160,7 +179,8 @@ class OpenAIService:
                     CompletionChoice(
                         index=index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
                     )
-                ]
+                ],
+                routing=[info] if info is not None else None,
             )
         if request.stream_options and request.stream_options.include_usage:
             yield chunk([], _usage(finished, request.n))
@@ -169,8 +189,18 @@ class OpenAIService:
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         # top_logprobs without logprobs is refused by the request's validation.
         top = (request.top_logprobs or 0) if request.logprobs else None
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         options = convert.request_options(request, request.model, self.config, top)
-        prompt = convert.chat_prompt(request.messages)
+        options = dataclasses.replace(options, request_id=rid)  # a routed request's decision is kept under it
+        plan = convert.tool_plan(request)
+        constraint = convert.output_constraint(request)
+        if plan is not None and plan.constraint is not None:
+            if constraint is not None:
+                raise InvalidRequest(
+                    "a forced tool call (tool_choice required or named) takes no response_format"
+                )
+            constraint = plan.constraint
+        prompt = convert.chat_prompt(request.messages, plan.tools if plan is not None else None)
         convert.check_capacity(request.n, options, self.config)
         for name in ("max_tokens", "max_completion_tokens"):
             # The one that wins is checked again at admission; the other must not be out of range either.
@@ -185,54 +215,98 @@ class OpenAIService:
         if max_tokens is None:
             max_tokens = self.engine.room(prompt)
         jobs = [
-            Job(i, prompt, convert.sampling_params(request, max_tokens, i), options) for i in range(request.n)
+            Job(i, prompt, convert.sampling_params(request, max_tokens, i, constraint), options)
+            for i in range(request.n)
         ]
         streams = await prime_all(self.engine, jobs)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
-            return guarded(self._stream_chat(request, streams, rid, created))
+            return guarded(self._stream_chat(request, streams, rid, created, tools=plan is not None))
         finished = await collect(streams)
-        choices = [
-            ChatChoice(
-                index=index,
-                message=ChatMessageOut(role="assistant", content=item.text),
-                logprobs=convert.chat_logprobs(item.logprobs) if request.logprobs else None,
-                finish_reason=item.finish_reason,
+        choices = []
+        for index, item in finished.items():
+            message, reason = ChatMessageOut(role="assistant", content=item.text), item.finish_reason
+            if plan is not None:
+                message, reason = answer_message(item.text, item.finish_reason)
+            choices.append(
+                ChatChoice(
+                    index=index,
+                    message=message,
+                    logprobs=convert.chat_logprobs(item.logprobs) if request.logprobs else None,
+                    finish_reason=reason,
+                )
             )
-            for index, item in finished.items()
-        ]
         return ChatCompletionResponse(
-            id=rid, created=created, model=request.model, choices=choices, usage=_usage(finished, request.n)
+            id=rid,
+            created=created,
+            model=request.model,
+            choices=choices,
+            usage=_usage(finished, request.n),
+            routing=routing_info(finished),
         )
 
     async def _stream_chat(
-        self, request: ChatCompletionRequest, streams: list[Primed], rid: str, created: int
+        self,
+        request: ChatCompletionRequest,
+        streams: list[Primed],
+        rid: str,
+        created: int,
+        tools: bool = False,
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None, routing: Any = None) -> str:
             return sse(
                 ChatCompletionChunk(
-                    id=rid, created=created, model=request.model, choices=choices, usage=usage
+                    id=rid,
+                    created=created,
+                    model=request.model,
+                    choices=choices,
+                    usage=usage,
+                    routing=routing,
                 )
             )
 
         finished = {p.index: Completion() for p in streams}
+        calls = {p.index: ToolDeltas() for p in streams} if tools else {}
         for p in streams:
             # OpenAI's first chunk of each choice carries the role and empty content.
-            yield chunk([ChatChunkChoice(index=p.index, delta=ChatMessageOut(role="assistant", content=""))])
+            yield chunk([ChatChunkChoice(index=p.index, delta=ChatDelta(role="assistant", content=""))])
         async for index, delta in merge(streams):
             finished[index].add(delta)
-            if not delta.text and not delta.logprobs and delta.finish_reason is None:
+            info = routed(index, delta.diagnostics)
+            if not delta.text and not delta.logprobs and delta.finish_reason is None and info is None:
                 continue
             logprobs = convert.chat_logprobs(delta.logprobs) if request.logprobs else None
+            if tools:
+                # Calls stream as tool_calls pieces; text that may still become a call is held back.
+                reader = calls[index]
+                pieces = reader.feed(delta.text, final=delta.finish_reason is not None)
+                if delta.finish_reason is not None or (not pieces and (logprobs or info)):
+                    pieces.append(ChatDelta())
+                for n, piece in enumerate(pieces):
+                    last = n == len(pieces) - 1
+                    reason = reader.finish_reason(delta.finish_reason) if last else None
+                    first = n == 0
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=index,
+                                delta=piece,
+                                logprobs=logprobs if first else None,
+                                finish_reason=reason,  # type: ignore[arg-type]
+                            )
+                        ],
+                        routing=[info] if info is not None and first else None,
+                    )
+                continue
             yield chunk(
                 [
                     ChatChunkChoice(
                         index=index,
-                        delta=ChatMessageOut(content=delta.text),
+                        delta=ChatDelta(content=delta.text),
                         logprobs=logprobs,
                         finish_reason=delta.finish_reason,
                     )
-                ]
+                ],
+                routing=[info] if info is not None else None,
             )
         if request.stream_options and request.stream_options.include_usage:
             yield chunk([], _usage(finished, request.n))

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from consort.runtime.prompts import Prompt
 from consort.runtime.sampling import SamplingParams
@@ -34,6 +34,10 @@ class Engine(Protocol):
 
     async def prompt_logprobs(self, prompt_text: str, options: RequestOptions | None = None) -> list[TokenLogprob | None]:
         """`echo` with `logprobs`: each prompt token with its log-probability (the first has none)."""
+        ...
+
+    def tokenizer(self, member: str) -> tuple[Any, int]:
+        """A member's tokenizer and its context length (the tokenizer routes)."""
         ...
 
 

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from consort.runtime.errors import ConfigError
+from consort.runtime.routing.config import RouteConfig
 
 
 def _registry() -> Any:
@@ -92,6 +93,54 @@ class VoteConfig(BaseModel):
         return base
 
 
+class MuxConfig(BaseModel):
+    """SLM-MUX: k answers per member, the answer of the member whose own answers agree most."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: int = Field(
+        default=3, ge=1, le=64, description="Answers sampled per member (a request's vote_samples overrides)."
+    )
+    accuracy: dict[str, float] = Field(
+        default_factory=dict,
+        description="Each member's dev accuracy (by member name, in [0, 1]): breaks ties in agreement, higher wins.",
+    )
+
+    @field_validator("accuracy")
+    @classmethod
+    def _accuracies(cls, accuracy: dict[str, float]) -> dict[str, float]:
+        if any(not 0.0 <= a <= 1.0 for a in accuracy.values()):
+            raise ValueError("mux.accuracy values are accuracies, each in [0, 1]")
+        return accuracy
+
+
+class CotConfig(BaseModel):
+    """CoT-decoding as the way `vote` and `mux` get each member's answers (arXiv 2402.10200)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    branches: int | None = Field(
+        default=None,
+        ge=1,
+        le=20,
+        description="Alternative first tokens each member explores, each continued greedily; None: answers are "
+        "sampled instead (a request's cot_branches overrides).",
+    )
+
+
+class DebateConfig(BaseModel):
+    """Multi-agent debate among the members."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rounds: int = Field(
+        default=2,
+        ge=0,
+        le=8,
+        description="Rounds in which every agent reads the others' answers and revises.",
+    )
+
+
 class AutoscalingConfig(BaseModel):
     """Ray Serve autoscaling of whole ensembles (one replica = one coordinator + its members)."""
 
@@ -137,6 +186,12 @@ class EnsembleConfig(BaseModel):
     top_k: int = Field(default=64, ge=1, le=4096, description="Top-k candidates each member returns per step.")
     deepen: DeepenConfig = Field(default_factory=DeepenConfig, description="DeePEn parameters.")
     vote: VoteConfig = Field(default_factory=VoteConfig, description="Voting parameters.")
+    mux: MuxConfig = Field(default_factory=MuxConfig, description="SLM-MUX parameters (the `mux` strategy).")
+    cot: CotConfig = Field(default_factory=CotConfig, description="CoT-decoding for `vote` and `mux`.")
+    debate: DebateConfig = Field(
+        default_factory=DebateConfig, description="Debate parameters (the `debate` strategy)."
+    )
+    route: RouteConfig = Field(default_factory=RouteConfig, description="Routing parameters (the `route` strategy).")
     placement: Literal["pack", "spread", "strict_spread"] = Field(
         default="pack", description="Ray placement strategy of one ensemble's members."
     )
@@ -172,6 +227,11 @@ class EnsembleConfig(BaseModel):
         fusion = _registry()
         if self.strategy not in fusion.REGISTRY:
             raise ValueError(f"unknown strategy {self.strategy!r}; known: {', '.join(fusion.names())}")
+        unknown = set(self.mux.accuracy) - set(names)
+        if unknown:
+            raise ValueError(
+                f"mux.accuracy names {sorted(unknown)}, which are not members; members are {names}"
+            )
         if self.gate is not None and not fusion.REGISTRY[self.strategy].supports_gate:
             raise ValueError(f"gate applies to {', '.join(fusion.gated_names())}, not {self.strategy!r}")
         return self

@@ -18,14 +18,16 @@ import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
 
 from consort.runtime import fusion
 from consort.runtime.config import EnsembleConfig
-from consort.runtime.errors import InvalidRequest, PromptTooLong, SequenceFailed
+from consort.runtime.constraints.apply import Constrainer
+from consort.runtime.constraints.engine import ByteGrammar
+from consort.runtime.errors import ConsortError, InvalidRequest, PromptTooLong, SequenceFailed
 from consort.runtime.fusion.base import (
     EOS_KEY,
     Candidate,
@@ -37,6 +39,7 @@ from consort.runtime.fusion.base import (
 )
 from consort.runtime.prompts import Prompt, prompt_ids
 from consort.runtime.sampling import SamplingParams, find_stop, make_generator, sample, stop_holdback
+from consort.runtime.textprob import TextPlan, TextScorer, mix, text_greedy
 from consort.runtime.types import (
     Delta,
     InvertWork,
@@ -49,7 +52,7 @@ from consort.runtime.types import (
     TokenLogprob,
 )
 from consort.runtime.vocab import anchors
-from consort.runtime.vote_groups import VoteGroups
+from consort.runtime.vote_groups import VoteGroups, check_options, sequences_needed
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,10 @@ class Executor(Protocol):
         self, works: Mapping[str, list[SeqWork]], release: Mapping[str, list[str]] | None = None
     ) -> dict[str, MemberReply]:
         """One round: each member in `works` first frees the sequences in `release` (finished
-        ones ride in the next call, never a round of their own), then computes."""
+        ones ride in the next call, never a round of their own), then computes. A member whose
+        works carry `invert` (the main member under `deepen`; at most one) also gets the other
+        members' results of the same round and runs the inverse search after its forward
+        (`MemberWorker.finish_inverts`): still one round."""
         ...
 
     async def invert(self, member: str, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]: ...
@@ -97,6 +103,8 @@ class SequenceState:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     new_diagnostics: list[dict[str, Any]] = field(default_factory=list)
     forced: deque[Candidate] = field(default_factory=deque)  # scoring: the pieces to take instead of sampling
+    grammar: ByteGrammar | None = None  # structured output: the grammar's state over the emitted text
+    text_scorer: TextScorer | None = None  # scoring at the text level: each forced piece's probability
     fused_steps: int = 0
     draws: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -115,6 +123,11 @@ class EchoState:
     continuation_ids: list[int]  # the scored tokens (one tokenizer: the ensemble's, or the member's alone)
     table: Any
     top_n: int
+    # Different vocabularies under a text-level strategy: where the text is cut, and each member's
+    # own (context, continuation) tokens; the tokens above are then the main member's.
+    plan: TextPlan | None = None
+    member_ids: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+    lead: str = ""  # whose tokens the entries are (the main member's, when it scores)
 
 
 @dataclass
@@ -157,12 +170,16 @@ class EnsembleCore:
             anchors={n: ids[:limit] if limit else ids for n, ids in zip(names, shared, strict=True)},
         )
         self._strategies: dict[str, Strategy] = {}
+        self.constrainer = Constrainer(self.ctx)
         self.default_strategy = config.strategy
         self.waiting: deque[SequenceState] = deque()
         self.running: dict[str, SequenceState] = {}
         self.votes = VoteGroups()
         self.echoes: list[EchoState] = []
         self.last_stats = StepStats()
+        # DeePEn's inverse search within the main member's step (one round); False: a round of its
+        # own after the step, as before (kept to check that both give the same outputs).
+        self.invert_in_step = True
         self._counter = itertools.count()
         # Sequences each member may free: sent with that member's next call, not in a round of their own.
         self._unreleased: dict[str, list[str]] = defaultdict(list)
@@ -207,15 +224,18 @@ class EnsembleCore:
         options: RequestOptions | None = None,
         seq_id: str | None = None,
         forced: Iterable[Candidate] = (),
+        text_scorer: TextScorer | None = None,
     ) -> str:
         """Validate and queue one request; errors here are the request's, raised before it runs.
 
         A token-level strategy queues one sequence; an answer-level one (vote) queues the
         sequences it needs and answers for them under the returned id. `forced`: the pieces
-        to emit instead of sampling (teacher-forced scoring).
+        to emit instead of sampling (teacher-forced scoring); `text_scorer`: what scores them
+        at the text level (`runtime/textprob.py`) instead of the strategy's own decision.
         """
         options = options or RequestOptions()
         strategy = self.strategy(options.strategy or self.default_strategy)
+        check_options(strategy, options)
         if strategy.level == "answer":
             return strategy.admit(self, prompt, params, options, seq_id)
         if params.max_tokens > self.config.max_tokens_limit:
@@ -244,16 +264,22 @@ class EnsembleCore:
             draw_generator=make_generator(None if seed is None else seed + 7919),
             options=options,
             forced=deque(forced),
+            grammar=ByteGrammar.of(params.constraint) if params.constraint is not None else None,
+            text_scorer=text_scorer,
         )
         self.waiting.append(seq)
         return seq.seq_id
 
+    def note(self, seq_id: str, diagnostic: dict[str, Any]) -> None:
+        """Attach a diagnostic to a queued sequence's first delta (route: which members answer)."""
+        seq = next((s for s in reversed(self.waiting) if s.seq_id == seq_id), None)
+        if seq is None:
+            raise KeyError(seq_id)
+        seq.new_diagnostics.append(diagnostic)
+
     def sequences_needed(self, options: RequestOptions | None) -> int:
         """How many sequences a request occupies: one, or one per answer for an answer-level strategy."""
-        options = options or RequestOptions()
-        if self.strategy(options.strategy or self.default_strategy).level == "answer":
-            return options.vote_samples or self.config.vote.samples
-        return 1
+        return sequences_needed(self.config, options or RequestOptions())
 
     def prompt_tokens(self, seq_id: str) -> int:
         """The request's prompt length in the main member's tokens (as usage reports it)."""
@@ -285,9 +311,19 @@ class EnsembleCore:
         (different vocabularies, deepen), as `scoring.add_scoring` does.
         """
         options = options or RequestOptions()
-        scored_as = fusion.strategy_class(options.strategy or self.default_strategy).scoring_strategy()
+        strategy = self.strategy(options.strategy or self.default_strategy)
+        scored_as = strategy.scoring_strategy()
         weights = self.resolve_weights(options.weights)
         active = {n: w for n, w in weights.items() if w > 0}
+        text_level = (
+            len(active) > 1
+            and scored_as is not None
+            and fusion.strategy_class(scored_as).scores_text
+            and not self.ctx.identical_vocab
+            and self.resolve_gate(self.strategy(scored_as), options) is None
+        )
+        if text_level:
+            return self._add_text_echo(context, continuation, active, options)
         if len(active) > 1 and not (scored_as == "mean" and self.ctx.identical_vocab):
             return None
         total = sum(active.values())
@@ -310,6 +346,38 @@ class EnsembleCore:
             limit = self.ctx.max_context[name]
             if len(state.context_ids) + len(continuation_ids) > limit:
                 raise PromptTooLong(f"the prompt is over member {name!r}'s context of {limit} tokens; shorten it")
+        self.echoes.append(state)
+        return state.seq_id
+
+    def _add_text_echo(
+        self, context: str, continuation: str, active: dict[str, float], options: RequestOptions
+    ) -> str:
+        """Echo at the text level (runtime/textprob.py): one forward per member over its own tokens."""
+        if not continuation:
+            raise InvalidRequest("the continuation to score is empty")
+        plan = TextPlan.build(continuation.encode("utf-8"), {n: self.ctx.table(n) for n in active})
+        member_ids = {}
+        for name in active:
+            tokenizer = self.members[name].tokenizer
+            ids = (prompt_ids(tokenizer, Prompt(text=context)), self.ctx.table(name).encode(continuation.encode("utf-8")))
+            if len(ids[0]) + len(ids[1]) > self.ctx.max_context[name]:
+                raise PromptTooLong(
+                    f"the prompt is over member {name!r}'s context of {self.ctx.max_context[name]} tokens; shorten it"
+                )
+            member_ids[name] = ids
+        main = self.ctx.main if self.ctx.main in active else next(iter(active))
+        total = sum(active.values())
+        state = EchoState(
+            seq_id=self.new_id("echo"),
+            members={n: w / total for n, w in active.items()},
+            context_ids=member_ids[main][0],
+            continuation_ids=member_ids[main][1],
+            table=self.ctx.table(main),
+            top_n=max(options.logprobs or 0, 1),
+            plan=plan,
+            member_ids=member_ids,
+            lead=main,
+        )
         self.echoes.append(state)
         return state.seq_id
 
@@ -363,11 +431,17 @@ class EnsembleCore:
         works: dict[str, list[SeqWork]] = defaultdict(list)
         for echo in echoes:
             for name in echo.members:
+                context_ids, continuation_ids = echo.member_ids.get(name, (echo.context_ids, echo.continuation_ids))
+                prefixes = []
+                if echo.plan is not None:
+                    # Echo reports positions 1.. of the whole text: the continuation's token j is at len(context) + j.
+                    prefixes = [(len(context_ids) - 1 + j, text) for j, text in echo.plan.queries(name)]
                 works[name].append(
                     SeqWork(
                         seq_id=echo.seq_id,
-                        prompt_ids=echo.context_ids + echo.continuation_ids,
+                        prompt_ids=context_ids + continuation_ids,
                         echo=True,
+                        echo_prefixes=prefixes,
                         # Alone, the alternatives asked for are exact; fused, a few more per member
                         # let a token that is second for both come out first. Every extra one costs
                         # a top-k over the vocabulary at each position (262k rows for Gemma).
@@ -393,6 +467,8 @@ class EnsembleCore:
         return deltas
 
     def _echo_entries(self, echo: EchoState, results: dict[str, SeqResult]) -> list[TokenLogprob]:
+        if echo.plan is not None:
+            return self._text_echo_entries(echo, echo.plan, results)
         n = len(echo.continuation_ids)
         fused_token = torch.zeros(n, dtype=torch.float64)
         alternatives: list[dict[int, float]] = [defaultdict(float) for _ in range(n)]
@@ -424,6 +500,40 @@ class EnsembleCore:
             )
         return entries
 
+    def _text_echo_entries(self, echo: EchoState, plan: TextPlan, results: dict[str, SeqResult]) -> list[TokenLogprob]:
+        """One entry per main-member token: the sum of the mixed log-probs of the pieces it spans.
+
+        Its alternatives are the main member's own candidates with the main member's log-probs:
+        how likely the ensemble finds a text that was not written is not computed.
+        """
+        conditionals = {}
+        for name in echo.members:
+            result = results[name]
+            assert result.echo_logprobs is not None
+            n = len(echo.member_ids[name][1])
+            conditionals[name] = plan.conditionals(name, result.echo_logprobs[-n:], result.echo_masses or [])
+        pieces = mix(conditionals, echo.members)
+        main_ends = plan.ends[echo.lead]
+        totals = [0.0] * len(main_ends)
+        token = 0
+        for end, logprob in zip(plan.cuts, pieces, strict=True):
+            totals[token] += logprob
+            if end == main_ends[token]:
+                token += 1
+        top = results[echo.lead].echo_top
+        entries = []
+        for i, token_id in enumerate(echo.continuation_ids):
+            text, data = self._shown(echo.table.token_bytes(token_id))
+            alternatives = []
+            if top is not None:
+                ids, values = (t[-len(echo.continuation_ids) :] for t in top)
+                alternatives = [
+                    (self._shown(echo.table.token_bytes(int(t)) if int(t) not in echo.table.eos_ids else EOS_KEY)[0], float(v))
+                    for t, v in zip(ids[i][: echo.top_n].tolist(), values[i][: echo.top_n].tolist(), strict=True)
+                ]
+            entries.append(TokenLogprob(token=text, data=data, logprob=totals[i], top=alternatives))
+        return entries
+
     async def _step_sequences(self) -> list[Delta]:
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting.popleft()
@@ -441,7 +551,11 @@ class EnsembleCore:
         deltas = []
         for seq in seqs:
             try:
-                deltas.append(self._advance(seq, self._decide(seq, results, inverted), stats))
+                decision = self._constrain(seq, results[seq.seq_id], self._decide(seq, results, inverted))
+                deltas.append(self._advance(seq, decision, stats))
+            except InvalidRequest as error:  # the request's own fault, in words written for its client
+                log.info("sequence %s failed: %s", seq.seq_id, error)
+                deltas.append(self._failed(seq, error))
             except Exception:  # one sequence's failure (a strategy's, the sampler's) is that sequence's alone
                 log.exception("sequence %s failed; the other %d go on", seq.seq_id, len(seqs) - 1)
                 deltas.append(self._failed(seq))
@@ -460,12 +574,23 @@ class EnsembleCore:
     ) -> Decision:
         if seq.mid_char_owner is not None:
             owner = seq.mid_char_owner
-            return single_member(self.ctx, owner, results[seq.seq_id][owner], seq.forced[0] if seq.forced else None)
-        return seq.strategy.decide(seq, results[seq.seq_id], inverted.get(seq.seq_id))
+            forced = seq.forced[0] if seq.forced else None
+            decision = single_member(self.ctx, owner, results[seq.seq_id][owner], forced)
+        else:
+            decision = seq.strategy.decide(seq, results[seq.seq_id], inverted.get(seq.seq_id))
+        if seq.forced and seq.text_scorer is not None:
+            decision.forced_logprob = seq.text_scorer.advance(results[seq.seq_id], seq.weights)
+        return decision
 
-    def _failed(self, seq: SequenceState) -> Delta:
+    def _constrain(self, seq: SequenceState, results: dict[str, SeqResult], decision: Decision) -> Decision:
+        """Structured output: what the ensemble samples from, restricted to what the grammar allows."""
+        if seq.grammar is None or seq.forced:
+            return decision
+        return self.constrainer.constrain(seq.grammar, decision, results, seq.weights)
+
+    def _failed(self, seq: SequenceState, error: ConsortError | None = None) -> Delta:
         seq.finish_reason = "error"
-        return Delta(seq_id=seq.seq_id, text="", finish_reason="error", error=SequenceFailed(seq.seq_id))
+        return Delta(seq_id=seq.seq_id, text="", finish_reason="error", error=error or SequenceFailed(seq.seq_id))
 
     def _fail_votes(self, deltas: list[Delta]) -> list[Delta]:
         """A failed answer fails its vote: the caller gets the error, the other answers stop."""
@@ -474,7 +599,8 @@ class EnsembleCore:
             caller = self.votes.caller_of(delta.seq_id)
             if delta.error is not None and caller != delta.seq_id:
                 self._drop({caller})
-                out.append(Delta(seq_id=caller, text="", finish_reason="error", error=SequenceFailed(caller)))
+                error = delta.error if isinstance(delta.error, InvalidRequest) else SequenceFailed(caller)
+                out.append(Delta(seq_id=caller, text="", finish_reason="error", error=error))
             else:
                 out.append(delta)
         return out
@@ -494,8 +620,14 @@ class EnsembleCore:
         for seq_id, members in plan.items():
             seq = self.running[seq_id]
             for member, flags in members.items():
+                if seq.grammar is not None and (member == self.ctx.main or len(members) == 1):
+                    # A constrained step that widens scores the allowed tokens of the member it speaks for
+                    # (the main one, or the one computing alone) exactly: that member's full distribution.
+                    flags = replace(flags, full=True)
                 works[member].append(self._work(seq, member, flags))
         self._ride_along(works, plan)
+        if self.invert_in_step:
+            self._ask_inverts(works, plan, results)
         release = {m: self._unreleased.pop(m) for m in works if self._unreleased.get(m)}
         stats.rounds += 1
         replies = await self.executor.step(works, release)
@@ -503,8 +635,39 @@ class EnsembleCore:
             for work, result in zip(works[member], reply.results, strict=True):
                 if work.compute:  # a rider only took its text in: it has no distribution to give
                     results[result.seq_id][member] = result
+                elif work.invert is not None:  # the inverse search over a result of an earlier round
+                    earlier = results[result.seq_id][member]
+                    earlier.candidate_ids, earlier.inverted = result.candidate_ids, result.inverted
             stats.member_seconds[member] = stats.member_seconds.get(member, 0.0) + reply.seconds
             stats.member_batch[member] = max(stats.member_batch.get(member, 0), len(works[member]))
+
+    def _ask_inverts(
+        self,
+        works: dict[str, list[SeqWork]],
+        plan: dict[str, dict[str, WorkFlags]],
+        results: dict[str, dict[str, SeqResult]],
+    ) -> None:
+        """DeePEn in the same round: the main member's work carries the inverse search, and the
+        executor hands it the other members' results of this round, so the search runs right after
+        the main member's forward instead of in a round of its own. Under the gate the main member
+        computed in the first round; it then takes only the search in the second."""
+        main = self.ctx.main
+        for seq_id, members in plan.items():
+            seq = self.running[seq_id]
+            if seq.mid_char_owner is not None:
+                continue
+            spec = seq.strategy.invert_spec(seq, set(results[seq_id]) | set(members))
+            if spec is None:
+                continue
+            if main in members:
+                work = next(w for w in works[main] if w.seq_id == seq_id)
+                work.invert = spec
+            else:
+                earlier = results[seq_id][main]  # what the search reads of it, not a full distribution
+                spec.main_result = SeqResult(
+                    seq_id, top_ids=earlier.top_ids, top_logprobs=earlier.top_logprobs, relative=earlier.relative
+                )
+                works[main].append(SeqWork(seq_id=seq_id, compute=False, invert=spec))
 
     def _ride_along(self, works: dict[str, list[SeqWork]], plan: dict[str, dict[str, WorkFlags]]) -> None:
         """A member that runs a forward anyway takes in the text of the other sequences it holds.
@@ -542,6 +705,8 @@ class EnsembleCore:
     async def _invert(
         self, seqs: list[SequenceState], results: dict[str, dict[str, SeqResult]], stats: StepStats
     ) -> dict[str, torch.Tensor]:
+        if self.invert_in_step:
+            return self._inverted_in_step(seqs, results)
         works = []
         for seq in seqs:
             seq.pending_invert = None
@@ -558,6 +723,22 @@ class EnsembleCore:
         stats.fusion_seconds += time.perf_counter() - started
         return {w.seq_id: out for w, out in zip(works, inverted, strict=True)}
 
+    def _inverted_in_step(
+        self, seqs: list[SequenceState], results: dict[str, dict[str, SeqResult]]
+    ) -> dict[str, torch.Tensor]:
+        """The inverse searches the main member ran within this step's rounds."""
+        inverted = {}
+        for seq in seqs:
+            seq.pending_invert = None
+            main = results[seq.seq_id].get(self.ctx.main)
+            if seq.mid_char_owner is None and main is not None and main.inverted is not None:
+                assert main.candidate_ids is not None
+                # What `decide` reads of the search: its candidates (the target stayed on the member).
+                empty = torch.empty(0)
+                seq.pending_invert = InvertWork(seq.seq_id, empty, main.candidate_ids, empty)
+                inverted[seq.seq_id] = main.inverted
+        return inverted
+
     def _advance(self, seq: SequenceState, decision: Decision, stats: StepStats) -> Delta:
         if seq.forced:
             chosen = seq.forced.popleft()
@@ -569,7 +750,8 @@ class EnsembleCore:
                 eos = torch.tensor([c.key == EOS_KEY for c in decision.candidates])
                 if eos.any() and not eos.all():
                     logprobs = logprobs.masked_fill(eos, float("-inf"))
-            index = sample(logprobs, seq.params, seq.generator)
+            mode = text_greedy([c.key for c in decision.candidates], logprobs) if decision.text_level else None
+            index = sample(logprobs, seq.params, seq.generator, mode)
             chosen = decision.candidates[index]
         seq.tokens += 1
         if decision.fused:
@@ -598,6 +780,8 @@ class EnsembleCore:
             piece = Piece(chosen.key if chosen.key != EOS_KEY else b"", chosen.owner, chosen.token_id)
             for member in self.ctx.names:
                 seq.unsent[member].append(piece)
+            if seq.grammar is not None:
+                seq.grammar.advance(piece.data)
             before = len(seq.text)
             seq.text += seq.decoder.decode(piece.data)
             seq.mid_char_owner = chosen.owner if seq.decoder.getstate()[0] else None
@@ -605,6 +789,8 @@ class EnsembleCore:
             if stop_at is not None:
                 seq.text = seq.text[:stop_at]
                 seq.finish_reason = "stop"
+            elif seq.grammar is not None and seq.grammar.complete:
+                seq.finish_reason = "stop"  # the grammar admits nothing more: its end is the answer's
             elif seq.tokens >= seq.params.max_tokens:
                 seq.finish_reason = "length"
         return self._delta(seq)

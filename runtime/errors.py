@@ -28,6 +28,11 @@ class InvalidRequest(ConsortError, ValueError):
     error_type = "invalid_request_error"
 
 
+class UnparsableContent(InvalidRequest):
+    """A field is a well-formed string whose content is not what it must be (a JSON schema, regex or
+    grammar that does not compile; tool-call arguments that are not JSON): no schema of the API can say so."""
+
+
 class PromptTooLong(InvalidRequest):
     """The prompt (plus max_tokens) does not fit a member's context window."""
 
@@ -86,3 +91,10 @@ class SequenceFailed(ConsortError):
 
     def __reduce__(self) -> tuple[type[SequenceFailed], tuple[str]]:
         return (SequenceFailed, (self.seq_id,))
+
+
+class RoutingDecisionNotFound(ConsortError):
+    """Feedback names a request id the routing store has no decision for."""
+
+    http_status = 404
+    error_type = "not_found_error"

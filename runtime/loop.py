@@ -24,7 +24,7 @@ from consort.runtime.types import (
     RequestOptions,
     SeqWork,
 )
-from consort.runtime.worker import MemberWorker
+from consort.runtime.worker import MemberWorker, inverting_member
 
 
 class LocalExecutor:
@@ -37,13 +37,19 @@ class LocalExecutor:
         self, works: Mapping[str, list[SeqWork]], release: Mapping[str, list[str]] | None = None
     ) -> dict[str, MemberReply]:
         replies = {}
-        for member, member_works in works.items():
+        # The main member, when it runs DeePEn's inverse search, steps last: it reads the others' results.
+        inverting = inverting_member(works)
+        for member in sorted(works, key=lambda m: m == inverting):
+            member_works = works[member]
             started = time.perf_counter()
             if release and release.get(member):
                 self.workers[member].release(release[member])
             results = self.workers[member].step(member_works)
+            if member == inverting:
+                peers = {m: reply.results for m, reply in replies.items()}
+                self.workers[member].finish_inverts(member_works, results, peers)
             replies[member] = MemberReply(results, time.perf_counter() - started)
-        return replies
+        return {member: replies[member] for member in works}
 
     async def invert(self, member: str, works: list[InvertWork], steps: int, learning_rate: float) -> list[torch.Tensor]:
         return self.workers[member].invert(works, steps=steps, learning_rate=learning_rate)

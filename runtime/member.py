@@ -34,9 +34,10 @@ re-raises.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,6 +67,7 @@ class StepOutput:
     logprobs: torch.Tensor | None = None  # [V] float32, CPU, only when asked
     echo_logprobs: list[float] | None = None  # log p(token i | tokens < i) for the tokens fed this step
     echo_top: tuple[torch.Tensor, torch.Tensor] | None = None  # [n, echo_top_k] ids and log-probs there
+    echo_masses: list[float] | None = None  # log of the summed probability of each asked-for id set
 
 
 @dataclass
@@ -310,12 +312,15 @@ class MemberEngine:
         echo: Collection[str] = (),
         echo_top_k: int = 0,
         kv_only: Collection[str] = (),
+        echo_masses: Mapping[str, Sequence[tuple[int, torch.Tensor]]] | None = None,
     ) -> dict[str, StepOutput]:
         """One batched forward over `seq_ids`; returns each one's next-token distribution.
 
         `kv_only` sequences ride along in the same forward to take in their new tokens
         without an output: a batch that keeps the same sequences keeps its packed cache,
-        and their text does not pile up into a wide catch-up later.
+        and their text does not pile up into a wide catch-up later. `echo_masses`: per echoed
+        sequence, (j, ids) pairs: the log of the total probability of `ids` in the distribution
+        of its j-th echoed position (text-level scoring: every token that goes on with a text).
         """
         ids = list(seq_ids)
         self._check_step_args(ids, top_k, echo_top_k)
@@ -338,7 +343,9 @@ class MemberEngine:
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(feeds))
         full_set = wanted if full is True else set(full or ())
         answered = [(row, f) for row, f in zip(rows, feeds, strict=True) if f.seq_id in wanted]
-        return self._outputs([f for _, f in answered], logits, [r for r, _ in answered], top_k, full_set, echo_top_k)
+        return self._outputs(
+            [f for _, f in answered], logits, [r for r, _ in answered], top_k, full_set, echo_top_k, echo_masses or {}
+        )
 
     def _has_new(self, seq_id: str) -> bool:
         seq = self._get(seq_id)
@@ -628,6 +635,7 @@ class MemberEngine:
         top_k: int,
         full_set: set[str],
         echo_top_k: int,
+        echo_masses: Mapping[str, Sequence[tuple[int, torch.Tensor]]],
     ) -> dict[str, StepOutput]:
         last = logits[:, -1, :].float()
         # log-softmax = logits - logsumexp: the full [rows, V] log-probs are only built when asked.
@@ -640,13 +648,19 @@ class MemberEngine:
             if feed.seq_id in full_set:
                 out.logprobs = (last[row] - normaliser[row]).cpu()
             if feed.echo_from is not None:
-                out.echo_logprobs, out.echo_top = self._echo(feed, logits[row], echo_top_k)
+                out.echo_logprobs, out.echo_top, out.echo_masses = self._echo(
+                    feed, logits[row], echo_top_k, echo_masses.get(feed.seq_id, ())
+                )
             results[feed.seq_id] = out
         return results
 
     def _echo(
-        self, feed: _Feed, row_logits: torch.Tensor, echo_top_k: int
-    ) -> tuple[list[float], tuple[torch.Tensor, torch.Tensor] | None]:
+        self,
+        feed: _Feed,
+        row_logits: torch.Tensor,
+        echo_top_k: int,
+        masses: Sequence[tuple[int, torch.Tensor]] = (),
+    ) -> tuple[list[float], tuple[torch.Tensor, torch.Tensor] | None, list[float] | None]:
         """Log-probs of the fed tokens from `echo_from` on, each given the tokens before it."""
         assert feed.echo_from is not None
         end = feed.start + len(feed.tokens)
@@ -661,4 +675,10 @@ class MemberEngine:
         if echo_top_k > 0:
             values, ids = top_k_exact(logprobs, min(echo_top_k, self.vocab_size))
             echo_top = (ids.cpu(), values.cpu())
-        return picked.cpu().tolist(), echo_top
+        summed = None
+        if masses:
+            summed = [
+                float(logprobs[j, ids.to(logprobs.device)].logsumexp(0)) if ids.numel() else -math.inf
+                for j, ids in masses
+            ]
+        return picked.cpu().tolist(), echo_top, summed

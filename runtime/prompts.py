@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from consort.runtime.constraints import tools
 from consort.runtime.errors import InvalidRequest
 
 
@@ -14,8 +15,15 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    role: str = Field(description="system, user or assistant.")
+    role: str = Field(description="system, user, assistant or tool.")
     content: str = Field(description="The turn's text.")
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="assistant: the calls it made, each {'name': str, 'arguments': object} (runtime/constraints/tools.py).",
+    )
+    tool_call_id: str | None = Field(
+        default=None, description="tool: the id of the call this result answers."
+    )
 
 
 class Prompt(BaseModel):
@@ -25,6 +33,11 @@ class Prompt(BaseModel):
 
     text: str | None = Field(default=None, description="Raw prompt text, tokenized as is.")
     messages: list[ChatMessage] | None = Field(default=None, description="Conversation, rendered per member.")
+    tools: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="OpenAI tool definitions the conversation may call; rendered by each member's template, "
+        "or by the fallback of runtime/constraints/tools.py where its template has no tool format.",
+    )
 
     def model_post_init(self, _context: Any) -> None:
         if (self.text is None) == (self.messages is None):
@@ -42,17 +55,43 @@ def _fallback_chat(messages: list[ChatMessage]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
+def _uses_tools(prompt: Prompt) -> bool:
+    return bool(prompt.tools) or any(m.tool_calls or m.role == "tool" for m in prompt.messages or [])
+
+
+def _native_tools(tokenizer: Any, prompt: Prompt) -> bool:
+    """Tools, calls or results in the conversation, and a template that renders them."""
+    return _uses_tools(prompt) and tools.renders_tools(tokenizer.chat_template)
+
+
+def _plain_messages(prompt: Prompt) -> list[dict[str, Any]]:
+    """The conversation as plain turns: with tools, the documented fallback (runtime/constraints/tools.py)."""
+    messages = [m.model_dump(exclude_none=True) for m in prompt.messages or []]
+    if not _uses_tools(prompt):
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return tools.fallback_messages(messages, prompt.tools)
+
+
 def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     """This member's token ids for the prompt, including its own special tokens (BOS, chat markers)."""
     if prompt.text is not None:
         ids = tokenizer(prompt.text, add_special_tokens=True)["input_ids"]
+    elif tokenizer.chat_template and _native_tools(tokenizer, prompt):
+        rendered = tokenizer.apply_chat_template(
+            tools.native_messages([m.model_dump(exclude_none=True) for m in prompt.messages or []]),
+            tools=prompt.tools,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     elif tokenizer.chat_template:
         rendered = tokenizer.apply_chat_template(
-            [m.model_dump() for m in prompt.messages or []], add_generation_prompt=True, tokenize=False
+            _plain_messages(prompt), add_generation_prompt=True, tokenize=False
         )
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     else:
-        ids = tokenizer(_fallback_chat(prompt.messages or []), add_special_tokens=True)["input_ids"]
+        messages = [ChatMessage(**m) for m in _plain_messages(prompt)]
+        ids = tokenizer(_fallback_chat(messages), add_special_tokens=True)["input_ids"]
     if not ids:
         raise InvalidRequest("the prompt is empty")
     return list(ids)

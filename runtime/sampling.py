@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from consort.runtime.constraints.spec import Constraint
 from consort.runtime.errors import InvalidRequest
 
 
@@ -27,6 +28,9 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Stop strings; the text ends before the first match.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra stop tokens of the main member.")
     ignore_eos: bool = Field(default=False, description="Keep generating past end-of-sequence tokens.")
+    constraint: Constraint | None = Field(
+        default=None, description="Structured output: the shape the text must have (runtime/constraints)."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -59,8 +63,14 @@ class SamplingFailed(ValueError):
     """The distribution handed to the sampler has no possible candidate (a strategy's fault, not the request's)."""
 
 
-def sample(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+def sample(
+    logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator, mode: int | None = None
+) -> int:
     """Pick an index from 1-D log-probabilities (need not be normalised; -inf = impossible).
+
+    `mode`: what greedy decoding picks, when that is not the argmax (pieces of text from several
+    vocabularies: `textprob.text_greedy`); a temperature or top_p so small that one candidate is
+    left is greedy decoding too, and picks it as well.
 
     Safe for every temperature and top_p the API admits: the arithmetic is float64 and
     relative to the best candidate, so a temperature of 1e-300 sharpens to the argmax
@@ -72,7 +82,7 @@ def sample(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Gene
     if not torch.isfinite(best):
         raise SamplingFailed(f"no candidate of {logprobs.numel()} is possible")
     if params.greedy:
-        return int(torch.argmax(logprobs).item())
+        return mode if mode is not None else int(torch.argmax(logprobs).item())
     # Shift first: the best candidate is 0 and the rest only grow more negative with 1/temperature.
     logits = (logprobs - best) / params.temperature
     if params.top_k and params.top_k < logits.numel():
@@ -86,6 +96,8 @@ def sample(logprobs: torch.Tensor, params: SamplingParams, generator: torch.Gene
         outside[0] = False
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    if mode is not None and int((probs > 0).sum()) == 1:
+        return mode
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 

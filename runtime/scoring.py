@@ -15,7 +15,8 @@ from consort.runtime.errors import InvalidRequest
 from consort.runtime.fusion.base import Candidate
 from consort.runtime.prompts import Prompt
 from consort.runtime.sampling import SamplingParams
-from consort.runtime.types import RequestOptions
+from consort.runtime.textprob import TextScorer
+from consort.runtime.types import RequestOptions, TokenLogprob
 
 
 def add_scoring(core: EnsembleCore, context: Prompt, continuation: str, options: RequestOptions | None = None) -> str:
@@ -33,8 +34,49 @@ def add_scoring(core: EnsembleCore, context: Prompt, continuation: str, options:
         strategy=scored_as, weights=options.weights, gate=options.gate, logprobs=max(options.logprobs or 0, 1)
     )
     main = core.ctx.main
+    if fusion.strategy_class(scored_as).scores_text:
+        # Pieces between every member's token boundaries, each scored from every member's
+        # tokens consistent with the text (runtime/textprob.py).
+        weights = core.resolve_weights(options.weights)
+        voices = {name: core.ctx.table(name) for name in core.ctx.names if weights[name] > 0}
+        scorer = TextScorer(continuation.encode("utf-8"), voices, main)
+        params = SamplingParams(temperature=0.0, max_tokens=len(scorer.pieces), ignore_eos=True)
+        return core.add(context, params, scoring_options, forced=scorer.pieces, text_scorer=scorer)
     ids = core.members[main].tokenizer(continuation, add_special_tokens=False)["input_ids"]
     table = core.ctx.table(main)
     pieces = [Candidate(table.token_bytes(i), main, i) for i in ids]
     params = SamplingParams(temperature=0.0, max_tokens=len(ids), ignore_eos=True)
     return core.add(context, params, scoring_options, forced=pieces)
+
+
+def per_main_token(core: EnsembleCore, continuation: str, pieces: list[TokenLogprob]) -> list[TokenLogprob]:
+    """Scored pieces regrouped into the main member's tokens of `continuation` (what echo reports).
+
+    Text-level scoring cuts the text wherever any member's tokens end, so its pieces refine the
+    main member's tokens; a token's log-probability is the sum over its pieces (the probability
+    of its text given the text before it), and its alternatives are its first piece's.
+    """
+    _, ends = core.ctx.table(core.ctx.main).encode_spans(continuation.encode("utf-8"))
+    merged: list[TokenLogprob] = []
+    group: list[TokenLogprob] = []
+    position, want = 0, iter(ends)
+    end = next(want, None)
+    for entry in pieces:
+        group.append(entry)
+        position += len(entry.data)
+        if end is not None and position >= end:
+            data = b"".join(e.data for e in group)
+            merged.append(
+                TokenLogprob(
+                    token=data.decode("utf-8", errors="backslashreplace"),
+                    data=data,
+                    logprob=sum(e.logprob for e in group),
+                    top=group[0].top,
+                )
+            )
+            group = []
+            while end is not None and end <= position:
+                end = next(want, None)
+    if group:
+        raise ValueError("scored pieces run past the main member's tokens of the text")
+    return merged

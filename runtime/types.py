@@ -38,6 +38,12 @@ class SeqWork:
     relative: bool = False  # return the DeePEn relative-space vector
     echo: bool = False  # return log-probs of the prompt tokens (log-likelihood scoring)
     echo_top_k: int = 0
+    # Text-level scoring: (j, text) pairs; the reply's echo_masses gives, for each, the log of the
+    # total probability at the j-th echoed position of this member's tokens that start with `text`.
+    echo_prefixes: list[tuple[int, bytes]] = field(default_factory=list)
+    # DeePEn, on the main member only: run the inverse search within this step, from this member's
+    # result and what the other members returned in the same round (the executor passes them on).
+    invert: InvertSpec | None = None
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -85,6 +91,29 @@ class SeqResult(_ShipsArrays):
     echo_ids: list[int] | None = None
     echo_logprobs: list[float] | None = None
     echo_top: tuple[torch.Tensor, torch.Tensor] | None = None
+    echo_masses: list[float] | None = None
+    # DeePEn: the candidate keys of this member's top `relative_top_k` tokens (their bytes, EOS_KEY,
+    # None for other special tokens), so that the main member can map them into its vocabulary.
+    top_keys: list[bytes | None] | None = None
+    # DeePEn, from the main member when its work carried `invert`: the candidates in its vocabulary
+    # and the inverse search's log-probs over them.
+    candidate_ids: torch.Tensor | None = None
+    inverted: torch.Tensor | None = None
+
+
+@dataclass
+class InvertSpec:
+    """DeePEn's inverse search for one sequence, asked of the main member within the step: which
+    members' relative vectors to average (in the ensemble's order, the main member among them) with
+    which normalised weights; the search's settings; and the main member's own result when it
+    computed in an earlier round of the step (the gate), else None (this round's result)."""
+
+    members: list[str]
+    weights: list[float]
+    top_k: int
+    steps: int
+    learning_rate: float
+    main_result: SeqResult | None = None
 
 
 @dataclass
@@ -127,6 +156,10 @@ class RequestOptions:
     vote_samples: int | None = None  # vote: answers to sample (default: the config's)
     vote_kind: VoteKind | None = None  # vote: number | choice | span | free (default: the config's)
     vote_choices: int | None = None  # vote with kind=choice: how many options the question has
+    member_accuracy: list[float] | None = None  # mux: the members' dev accuracy (tie-breaker), config order
+    cot_branches: int | None = None  # vote/mux: answer by CoT-decoding over this many first tokens per member
+    debate_rounds: int | None = None  # debate: revision rounds after the first answers
+    request_id: str | None = None  # the response's id, where a decision is kept under it (route, feedback)
 
 
 @dataclass

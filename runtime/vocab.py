@@ -18,12 +18,14 @@ exactly the ensemble's text.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from consort.runtime.errors import ConsortError
@@ -195,6 +197,8 @@ class TokenTable:
         # any number of tokens back: a re-tokenized window must reach this far behind new text.
         self.max_added_bytes = max((len(self._bytes[i]) for i in self._added), default=0)
         self._first_cache: dict[bytes, int | None] = {}
+        self._sorted_bytes: list[bytes] | None = None
+        self._sorted_ids: np.ndarray | None = None
         self._escape = re.compile(
             r"[\udc80-\udcff\u2581]+" if self.kind == "sentencepiece" else r"[\udc80-\udcff]+"
         )
@@ -280,6 +284,23 @@ class TokenTable:
     def id_of(self, data: bytes) -> int | None:
         """The single non-special token whose bytes are exactly `data` (ordinary over byte-fallback)."""
         return self._by_bytes.get(data)
+
+    def prefix_ids(self, prefix: bytes) -> np.ndarray:
+        """Ids of every non-special token whose bytes start with `prefix`: the tokens that continue
+        text ending in `prefix`, whatever comes after it (a byte-fallback duplicate included, as it
+        is a way of spelling the same text)."""
+        if self._sorted_bytes is None or self._sorted_ids is None:
+            # Built on first use: only text-level scoring needs it, and sorting 262k keys takes ~0.2 s.
+            order = sorted(
+                (data, token_id)
+                for token_id, data in enumerate(self._bytes)
+                if data and token_id not in self._special
+            )
+            self._sorted_bytes = [data for data, _ in order]
+            self._sorted_ids = np.array([token_id for _, token_id in order], dtype=np.int64)
+        start = bisect.bisect_left(self._sorted_bytes, prefix)
+        end = bisect.bisect_left(self._sorted_bytes, prefix + b"\xff" * (self.max_token_bytes + 1), lo=start)
+        return self._sorted_ids[start:end]
 
     def byte_id(self, byte: int) -> int:
         """The token standing for exactly one byte (how invalid or escaped bytes are encoded)."""

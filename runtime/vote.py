@@ -156,6 +156,146 @@ def select_answer(
     return _most_central(answers, embedder or default_embedder())
 
 
+# --- SLM-MUX: the member whose own samples agree most ---------------------------
+
+
+class MemberAgreement(BaseModel):
+    """How one member's own samples agree, in a `mux` selection."""
+
+    model_config = ConfigDict(frozen=True)
+
+    member: str = Field(description="The member's name.")
+    samples: int = Field(description="How many samples the member gave.")
+    agreement: float = Field(
+        description="majority: the share of the member's samples that give its majority answer (samples with no "
+        "extractable answer count against it); similarity: the mean pairwise cosine similarity of its samples."
+    )
+    index: int | None = Field(
+        description="Index, among the member's own samples, of its majority (or most central) answer; None when "
+        "none of its samples had an extractable answer."
+    )
+    answer: str | None = Field(
+        description="The member's majority extracted answer (similarity: its chosen text)."
+    )
+    accuracy: float | None = Field(description="The member's dev accuracy, the tie-breaker, if given.")
+
+
+class MuxResult(BaseModel):
+    """Which member `mux` answers with, and which of its samples."""
+
+    model_config = ConfigDict(frozen=True)
+
+    member: str = Field(description="The member chosen: the one whose own samples agree most.")
+    index: int = Field(description="Index, among the chosen member's own samples, of the answer returned.")
+    answer: str = Field(
+        description="The chosen member's majority answer (similarity: its most central text)."
+    )
+    method: Literal["majority", "similarity"] = Field(
+        description="'majority' when some sample had an extractable answer; 'similarity' for free text, and for "
+        "closed kinds when no sample of any member had an extractable answer."
+    )
+    tie_break: Literal["none", "accuracy", "order"] = Field(
+        description="How the winner was told apart: by agreement alone; by dev accuracy among members tied on "
+        "agreement; by member order when those tied too."
+    )
+    members: list[MemberAgreement] = Field(description="Every member's agreement, in the order given.")
+
+
+def _closed_agreement(
+    member: str, samples: Sequence[str], extract: Callable[[str], str | None], accuracy: float | None
+) -> MemberAgreement:
+    result = _majority([extract(s) for s in samples])
+    if result is None:
+        return MemberAgreement(
+            member=member, samples=len(samples), agreement=0.0, index=None, answer=None, accuracy=accuracy
+        )
+    return MemberAgreement(
+        member=member,
+        samples=len(samples),
+        agreement=result.counts[result.answer] / len(samples),
+        index=result.index,
+        answer=result.answer,
+        accuracy=accuracy,
+    )
+
+
+def _similarity_agreement(
+    member: str, samples: Sequence[str], embedder: Embedder | None, accuracy: float | None
+) -> MemberAgreement:
+    if len(samples) == 1:
+        # One sample agrees with itself: it is the member's answer, with full agreement.
+        return MemberAgreement(
+            member=member, samples=1, agreement=1.0, index=0, answer=samples[0], accuracy=accuracy
+        )
+    chosen = _most_central(samples, embedder or default_embedder())
+    assert chosen.similarity is not None
+    pairs = len(samples) * (len(samples) - 1)
+    return MemberAgreement(
+        member=member,
+        samples=len(samples),
+        agreement=sum(chosen.similarity) / pairs,
+        index=chosen.index,
+        answer=samples[chosen.index],
+        accuracy=accuracy,
+    )
+
+
+def select_member(
+    samples: dict[str, Sequence[str]],
+    *,
+    kind: VoteKind,
+    n_choices: int | None = None,
+    accuracy: dict[str, float] | None = None,
+    embedder: Embedder | None = None,
+) -> MuxResult:
+    """SLM-MUX's selection: the member whose own samples agree most, and its majority answer.
+
+    number / choice / span: a member's agreement is the share of its samples giving its most frequent
+    extracted answer (ties inside a member to the earliest first occurrence, as `select_answer`); if no
+    sample of any member has an extractable answer, the free-text rule decides and says so.
+    free: a member's agreement is the mean pairwise cosine similarity of its samples, its answer the
+    most central one. Members tied on agreement (within 1e-6) are told apart by `accuracy` (their dev
+    accuracy; higher wins; a member without one ranks below those with one), then by the order given.
+    """
+    if not samples or any(not s for s in samples.values()):
+        raise InvalidRequest("mux needs at least one sample from every member it selects among")
+    accuracy = accuracy or {}
+    unknown = set(accuracy) - set(samples)
+    if unknown:
+        raise InvalidRequest(f"dev accuracy given for {', '.join(sorted(unknown))}, which gave no samples")
+    method: Literal["majority", "similarity"] = "similarity"
+    agreements: list[MemberAgreement] = []
+    if kind != "free":
+        extract = _extractor(kind, n_choices)
+        agreements = [_closed_agreement(m, s, extract, accuracy.get(m)) for m, s in samples.items()]
+        if any(a.index is not None for a in agreements):
+            method = "majority"
+    if method == "similarity":
+        agreements = [_similarity_agreement(m, s, embedder, accuracy.get(m)) for m, s in samples.items()]
+    best = max(a.agreement for a in agreements)
+    tied = [a for a in agreements if a.agreement >= best - _SIMILARITY_TIE and a.index is not None]
+    tie_break: Literal["none", "accuracy", "order"] = "none"
+    if len(tied) > 1:
+        top = max((a.accuracy for a in tied if a.accuracy is not None), default=None)
+        by_accuracy = (
+            [a for a in tied if a.accuracy is not None and a.accuracy >= top - _SIMILARITY_TIE]
+            if top is not None
+            else tied
+        )
+        tie_break = "accuracy" if len(by_accuracy) == 1 else "order"
+        tied = by_accuracy
+    winner = tied[0]
+    assert winner.index is not None and winner.answer is not None
+    return MuxResult(
+        member=winner.member,
+        index=winner.index,
+        answer=winner.answer,
+        method=method,
+        tie_break=tie_break,
+        members=agreements,
+    )
+
+
 # --- sentence embeddings -----------------------------------------------------
 
 

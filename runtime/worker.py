@@ -8,12 +8,14 @@ and asks for only what the strategy needs back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from consort.runtime.alignment import Aligner
+from consort.runtime.fusion.base import member_key
+from consort.runtime.fusion.deepen import build_invert_work
 from consort.runtime.member import MemberEngine
 from consort.runtime.relative import RelativeSpace
 from consort.runtime.types import InvertWork, Piece, SeqResult, SeqWork
@@ -30,6 +32,15 @@ def token_table(tokenizer: Any, eos_ids: frozenset[int]) -> TokenTable:
         cached = (tokenizer, eos_ids, TokenTable.from_tokenizer(tokenizer, eos_ids=eos_ids))
         _TABLES[id(tokenizer)] = cached
     return cached[2]
+
+
+def inverting_member(works: Mapping[str, Sequence[SeqWork]]) -> str | None:
+    """The member of a round whose works carry DeePEn's inverse search: it must get the other
+    members' results of the round (see `MemberWorker.finish_inverts`). At most one: the main member."""
+    found = [member for member, member_works in works.items() if any(w.invert is not None for w in member_works)]
+    if len(found) > 1:
+        raise ValueError(f"only the main member runs the inverse search; this round asks it of {found}")
+    return found[0] if found else None
 
 
 class MemberWorker:
@@ -103,6 +114,11 @@ class MemberWorker:
                 echo={w.seq_id for w in computing if w.echo},
                 echo_top_k=max((w.echo_top_k for w in computing), default=0),
                 kv_only=[w.seq_id for w in works if not w.compute],
+                echo_masses={
+                    w.seq_id: [(j, torch.from_numpy(self.table.prefix_ids(text))) for j, text in w.echo_prefixes]
+                    for w in computing
+                    if w.echo and w.echo_prefixes
+                },
             )
             for work in computing:
                 out, result = outputs[work.seq_id], results[work.seq_id]
@@ -110,9 +126,48 @@ class MemberWorker:
                 if work.echo:
                     result.echo_ids = self.engine.token_ids(work.seq_id)
                     result.echo_logprobs, result.echo_top = out.echo_logprobs, out.echo_top
+                    result.echo_masses = out.echo_masses
                 if work.relative:
                     result.relative = self.project(out.top_ids, out.top_logprobs)
+                    # What the main member needs to map this member's candidates into its vocabulary.
+                    top = out.top_ids[: self._relative_top_k].tolist()
+                    result.top_keys = [member_key(self.table, token_id) for token_id in top]
         return [results[w.seq_id] for w in works]
+
+    def finish_inverts(
+        self, works: Sequence[SeqWork], results: Sequence[SeqResult], peers: Mapping[str, Sequence[SeqResult]]
+    ) -> None:
+        """DeePEn within the step, on the main member: for each work that carries `invert`, the
+        inverse search from this member's result (this round's, or the one the spec carries from an
+        earlier round) and the other members' results of the same round (`peers`), written into
+        this member's result (`candidate_ids`, `inverted`)."""
+        by_peer = {name: {r.seq_id: r for r in replies} for name, replies in peers.items()}
+        for work, result in zip(works, results, strict=True):
+            spec = work.invert
+            if spec is None:
+                continue
+            own = spec.main_result if spec.main_result is not None else result
+            answers: dict[str, SeqResult] = {self.name: own}
+            keys: dict[str, list[bytes | None]] = {}
+            for name in spec.members:
+                if name == self.name:
+                    continue
+                peer = by_peer.get(name, {}).get(work.seq_id)
+                if peer is None or peer.top_keys is None:
+                    raise RuntimeError(
+                        f"member {self.name!r}: sequence {work.seq_id} needs member {name!r}'s relative vector "
+                        "and top keys for the inverse search, and this round did not bring them"
+                    )
+                if len(peer.top_keys) < min(spec.top_k, peer.top_ids.numel()):
+                    raise RuntimeError(
+                        f"member {name!r} sent {len(peer.top_keys)} top keys, the inverse search uses {spec.top_k}: "
+                        "the members' relative_top_k differ from the ensemble's"
+                    )
+                answers[name], keys[name] = peer, peer.top_keys[: spec.top_k]
+            weights = dict(zip(spec.members, spec.weights, strict=True))
+            invert = build_invert_work(work.seq_id, self.name, self.table, weights, answers, keys, spec.top_k)
+            (result.inverted,) = self.invert([invert], steps=spec.steps, learning_rate=spec.learning_rate)
+            result.candidate_ids = invert.candidate_ids
 
     # -- DeePEn --------------------------------------------------------------------------------
     def project(self, top_ids: torch.Tensor, top_logprobs: torch.Tensor) -> torch.Tensor:

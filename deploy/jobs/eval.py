@@ -27,6 +27,7 @@ from consort.runtime.evaluation.batches import GenerationRequest, request_slots
 from consort.runtime.evaluation.logliks import Loglik, LoglikRequest, continuation_ids, member_logliks
 from consort.runtime.prompts import Prompt
 from consort.runtime.types import Completion, MemberInfo, RequestOptions
+from consort.runtime.vocab import TokenTable
 
 
 class RayBackend:
@@ -59,8 +60,19 @@ class RayBackend:
 
         return cls(start_coordinator(config), config)
 
-    async def member_logliks(self, member: str, requests: Sequence[LoglikRequest]) -> list[Loglik]:
-        return await member_logliks(self.executor, self.members[member], requests, max_batch=self.config.max_batch)
+    @property
+    def tables(self) -> dict[str, TokenTable]:
+        return {name: info.table for name, info in self.members.items()}
+
+    async def member_logliks(
+        self,
+        member: str,
+        requests: Sequence[LoglikRequest],
+        prefixes: Sequence[list[tuple[int, bytes]]] | None = None,
+    ) -> list[Loglik]:
+        return await member_logliks(
+            self.executor, self.members[member], requests, max_batch=self.config.max_batch, prefixes=prefixes
+        )
 
     def _waves(self, sizes: Sequence[int], slots: Sequence[int]) -> list[list[int]]:
         """Indices in waves of at most one batch, similar sizes together (the coordinator batches each wave)."""

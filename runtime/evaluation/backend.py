@@ -21,6 +21,7 @@ from consort.runtime.evaluation.batches import GenerationRequest
 from consort.runtime.evaluation.logliks import Loglik, LoglikRequest
 from consort.runtime.loop import EnsembleLoop
 from consort.runtime.types import Completion, RequestOptions
+from consort.runtime.vocab import TokenTable
 
 
 class Backend(Protocol):
@@ -28,7 +29,17 @@ class Backend(Protocol):
 
     config: EnsembleConfig
 
-    async def member_logliks(self, member: str, requests: Sequence[LoglikRequest]) -> list[Loglik]: ...
+    @property
+    def tables(self) -> dict[str, TokenTable]:
+        """Each member's vocabulary (text-level scoring cuts the text where any member's tokens end)."""
+        ...
+
+    async def member_logliks(
+        self,
+        member: str,
+        requests: Sequence[LoglikRequest],
+        prefixes: Sequence[list[tuple[int, bytes]]] | None = None,
+    ) -> list[Loglik]: ...
 
     async def ensemble_logliks(
         self, requests: Sequence[LoglikRequest], options: Sequence[RequestOptions]
@@ -55,9 +66,22 @@ class LocalBackend:
     def start(cls, config: EnsembleConfig) -> LocalBackend:
         return cls(EnsembleLoop.from_config(config))
 
-    async def member_logliks(self, member: str, requests: Sequence[LoglikRequest]) -> list[Loglik]:
+    @property
+    def tables(self) -> dict[str, TokenTable]:
+        return dict(self.core.ctx.tables)
+
+    async def member_logliks(
+        self,
+        member: str,
+        requests: Sequence[LoglikRequest],
+        prefixes: Sequence[list[tuple[int, bytes]]] | None = None,
+    ) -> list[Loglik]:
         return await logliks.member_logliks(
-            self.core.executor, self.core.members[member], requests, max_batch=self.config.max_batch
+            self.core.executor,
+            self.core.members[member],
+            requests,
+            max_batch=self.config.max_batch,
+            prefixes=prefixes,
         )
 
     async def ensemble_logliks(

@@ -11,13 +11,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from consort.runtime import fusion
 from consort.runtime.config import EnsembleConfig
 from consort.runtime.core import EnsembleCore
 from consort.runtime.errors import InvalidRequest
 from consort.runtime.prompts import ChatMessage, Prompt
 from consort.runtime.sampling import SamplingParams
 from consort.runtime.types import Completion, RequestOptions
+from consort.runtime.vote_groups import sequences_needed
 
 
 @dataclass
@@ -92,10 +92,7 @@ class GenerationRequest:
 
 def request_slots(config: EnsembleConfig, options: RequestOptions) -> int:
     """Sequences a request occupies in a batch: an answer-level strategy (vote) runs one per sampled answer."""
-    strategy = options.strategy or config.strategy
-    if fusion.strategy_class(strategy).level == "answer":
-        return options.vote_samples or config.vote.samples
-    return 1
+    return sequences_needed(config, options)
 
 
 def vote_slots(core: EnsembleCore, options: RequestOptions) -> int:

@@ -184,35 +184,3 @@ def write_config(config: EnsembleConfig, result: CalibrationResult, path: str | 
     body = yaml.safe_dump(calibrated.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     path.write_text(header + body)
     return path
-
-
-def _logsumexp(values: Sequence[float]) -> float:
-    top = max(values)
-    if top == -math.inf:
-        return -math.inf
-    return top + math.log(sum(math.exp(v - top) for v in values))
-
-
-def mixture_loglik(
-    weights: Sequence[float], piece_logprobs: Sequence[Sequence[float]], totals: Sequence[float] | None = None
-) -> float:
-    """A continuation's log-likelihood under the per-piece weighted mixture of the members.
-
-    `piece_logprobs[n]` holds member n's log-prob of each piece of the continuation
-    (the main member's tokens, every member aligned to the same text): the result is
-    sum_i log sum_n w_n p_n(piece_i), the numerator of `mean`'s fused probability (mean
-    also renormalises over its candidate union each step; that factor is left out, so
-    this is an approximation of mean that one pass per member can evaluate for every
-    weight vector). Where the members' piece counts differ, the sequence-level mixture
-    log sum_n w_n P_n(continuation) of `totals` is used instead.
-    """
-    total = sum(weights)
-    logw = [math.log(w / total) if w > 0 else -math.inf for w in weights]
-    lengths = {len(p) for p in piece_logprobs}
-    if len(lengths) != 1:
-        sums = totals if totals is not None else [sum(p) for p in piece_logprobs]
-        return _logsumexp([lw + s for lw, s in zip(logw, sums, strict=True)])
-    return sum(
-        _logsumexp([lw + p[i] for lw, p in zip(logw, piece_logprobs, strict=True)])
-        for i in range(lengths.pop())
-    )

@@ -2,12 +2,11 @@
 
 Two ways to score a grid point (`--calibrate-mode`):
 
-* `mixture` (default, one pass): each member's log-prob of every piece of each dev
-  continuation (the main member's tokens; the main member by the fast echo path, the
-  others aligned to the same text by the core, alone), then every grid point is
-  evaluated offline as the per-piece weighted mixture (`calibration.mixture_loglik`,
-  `mean`'s fused probability without its per-step renormalisation). Cost: about one
-  `mean` pass over the dev questions, whatever the grid's size.
+* `mixture` (default, one pass): each member's own echo pass over every dev continuation
+  reports what text-level scoring needs (`runtime/textprob.py`: its tokens' log-probs and
+  the prefix masses where other members cut the text), then every grid point is `mean`'s
+  exact text-level log-likelihood, mixed offline (`logliks.text_mixture`). Cost: one pass
+  of each member alone over the dev questions, whatever the grid's size.
 * `exact`: `mean` itself is run with every grid point's weights. Cost: one `mean`
   pass per grid point.
 
@@ -23,17 +22,15 @@ from typing import Literal
 
 from consort.runtime.errors import ConfigError
 from consort.runtime.evaluation.backend import Backend
-from consort.runtime.evaluation.batches import member_alone
 from consort.runtime.evaluation.calibration import (
     CalibrationMetric,
     CalibrationResult,
     GridScore,
     choose,
-    mixture_loglik,
     multiple_choice_score,
     simplex_grid,
 )
-from consort.runtime.evaluation.logliks import Loglik, LoglikRequest
+from consort.runtime.evaluation.logliks import LoglikRequest, text_mixture, text_plans
 from consort.runtime.evaluation.specs import GenerationQuestion, MultipleChoiceQuestion, Question, TaskSpec
 from consort.runtime.types import RequestOptions
 
@@ -93,24 +90,12 @@ async def _mixture_points(
     backend: Backend, requests: list[LoglikRequest], grid: Sequence[tuple[float, ...]]
 ) -> list[tuple[list[float], list[int]]]:
     names = [m.name for m in backend.config.members]
-    main = backend.config.main_member
-    per_member: dict[str, list[Loglik]] = {main: await backend.member_logliks(main, requests)}
-    others = [n for n in names if n != main]
-    if others:
-        aligned = await backend.ensemble_logliks(requests, [member_alone(names, n) for n in others])
-        per_member.update(zip(others, aligned, strict=True))
-    tokens = [x.tokens for x in per_member[main]]
+    plans = text_plans(requests, backend.tables)
+    per_member = {n: await backend.member_logliks(n, requests, [p.queries(n) for p in plans]) for n in names}
     points = []
     for weights in grid:
-        logliks = [
-            mixture_loglik(
-                weights,
-                [per_member[n][i].token_logprobs for n in names],
-                [per_member[n][i].logprob for n in names],
-            )
-            for i in range(len(requests))
-        ]
-        points.append((logliks, tokens))
+        mixed = text_mixture(plans, per_member, dict(zip(names, weights, strict=True)))
+        points.append(([x.logprob for x in mixed], [x.tokens for x in mixed]))
     return points
 
 

@@ -18,7 +18,7 @@ log-likelihood):
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,9 @@ from consort.runtime.errors import InvalidRequest
 from consort.runtime.evaluation.batches import CoreJob, drive_core
 from consort.runtime.prompts import Prompt, prompt_ids
 from consort.runtime.scoring import add_scoring
+from consort.runtime.textprob import TextPlan, mix
 from consort.runtime.types import MemberInfo, Piece, RequestOptions, SeqWork
+from consort.runtime.vocab import TokenTable
 
 # The echo step keeps [batch, continuation + 1, vocabulary] float32 logits; Gemma-3's
 # 262,144-token vocabulary makes that the memory that bounds a batch, so batches are cut
@@ -50,6 +52,7 @@ class Loglik:
     logprob: float
     tokens: int
     token_logprobs: tuple[float, ...] = ()  # one per token (member path) or per main-member piece (ensemble)
+    masses: tuple[float, ...] = ()  # member path: the log prefix masses asked for (text-level scoring)
 
 
 def context_ids(tokenizer: Any, context: str) -> list[int]:
@@ -91,8 +94,13 @@ async def member_logliks(
     *,
     max_batch: int = 32,
     logit_budget: int = DEFAULT_LOGIT_BUDGET,
+    prefixes: Sequence[list[tuple[int, bytes]]] | None = None,
 ) -> list[Loglik]:
-    """Each request's log-likelihood under `member` alone, in its own tokens (the fast echo path)."""
+    """Each request's log-likelihood under `member` alone, in its own tokens (the fast echo path).
+
+    `prefixes`, per request: (continuation token index, text) pairs whose prefix masses the same
+    pass reports in `Loglik.masses` (`runtime.textprob.TextPlan.queries`).
+    """
     tokenizer, table = member.tokenizer, member.table
     encoded = [
         (context_ids(tokenizer, r.context), continuation_ids(tokenizer, r.continuation)) for r in requests
@@ -116,6 +124,7 @@ async def member_logliks(
                     seq_id=ids[i],
                     pieces=[Piece(table.token_bytes(t), member.name, t) for t in encoded[i][1]],
                     echo=True,
+                    echo_prefixes=list(prefixes[i]) if prefixes is not None else [],
                 )
                 for i in group
             ]
@@ -126,7 +135,8 @@ async def member_logliks(
             assert result.echo_logprobs is not None
             # echo starts at the first token after the context, so it covers the continuation exactly.
             values = tuple(float(v) for v in result.echo_logprobs)
-            out[i] = Loglik(logprob=sum(values), tokens=len(values), token_logprobs=values)
+            masses = tuple(result.echo_masses or ())
+            out[i] = Loglik(logprob=sum(values), tokens=len(values), token_logprobs=values, masses=masses)
     return [o for o in out if o is not None]
 
 
@@ -159,3 +169,30 @@ async def ensemble_logliks(
         [Loglik(o.logprob, len(o.logprobs), tuple(o.piece_logprobs)) for o in outcomes[k * n : (k + 1) * n]]
         for k in range(len(options))
     ]
+
+
+def text_plans(requests: Sequence[LoglikRequest], tables: Mapping[str, TokenTable]) -> list[TextPlan]:
+    """Where each continuation is cut for text-level scoring, and what each member must report."""
+    return [TextPlan.build(r.continuation.encode("utf-8"), tables) for r in requests]
+
+
+def text_mixture(
+    plans: Sequence[TextPlan], member_lls: Mapping[str, Sequence[Loglik]], weights: Mapping[str, float]
+) -> list[Loglik]:
+    """`mean`'s text-level log-likelihoods from the members' own passes (`member_logliks` with the
+    plans' queries): exact for any weights, with no stepping; a weight grid costs nothing more."""
+    active = {name: w for name, w in weights.items() if w > 0}
+    out = []
+    for k, plan in enumerate(plans):
+        conditionals = {}
+        for name in active:
+            ll = member_lls[name][k]
+            if len(ll.token_logprobs) != len(plan.ends[name]):
+                raise InvalidRequest(
+                    f"member {name!r} tokenized continuation {k} into {len(ll.token_logprobs)} tokens for scoring "
+                    f"but {len(plan.ends[name])} for cutting it; it cannot be scored at the text level"
+                )
+            conditionals[name] = plan.conditionals(name, ll.token_logprobs, ll.masses)
+        pieces = tuple(mix(conditionals, active))
+        out.append(Loglik(logprob=sum(pieces), tokens=len(pieces), token_logprobs=pieces))
+    return out

@@ -37,7 +37,7 @@ from consort.runtime.answers import extract_choice_letter
 from consort.runtime.errors import InvalidRequest
 from consort.runtime.evaluation.backend import Backend
 from consort.runtime.evaluation.batches import GenerationRequest, member_alone
-from consort.runtime.evaluation.logliks import Loglik, LoglikRequest
+from consort.runtime.evaluation.logliks import Loglik, LoglikRequest, text_mixture, text_plans
 from consort.runtime.evaluation.metrics import (
     code_program,
     extracted_answer,
@@ -53,6 +53,7 @@ from consort.runtime.evaluation.specs import (
     TaskSpec,
 )
 from consort.runtime.sampling import SamplingParams
+from consort.runtime.textprob import TextPlan
 from consort.runtime.types import Completion, RequestOptions, VoteKind
 
 LETTER_VOTE_MAX_TOKENS = 8
@@ -119,15 +120,28 @@ def choice_requests(
 
 
 async def score_members(
-    backend: Backend, requests: Sequence[LoglikRequest], timing: dict[str, float]
+    backend: Backend,
+    requests: Sequence[LoglikRequest],
+    timing: dict[str, float],
+    plans: Sequence[TextPlan] | None = None,
 ) -> dict[str, list[Loglik]]:
-    """Every choice's log-likelihood under each member alone (the echo fast path), member by member."""
+    """Every choice's log-likelihood under each member alone (the echo fast path), member by member;
+    with `plans`, the same passes also report what text-level scoring needs of each member."""
     out = {}
     for name in (m.name for m in backend.config.members):
         started = time.perf_counter()
-        out[name] = await backend.member_logliks(name, requests)
+        prefixes = [plan.queries(name) for plan in plans] if plans is not None else None
+        out[name] = await backend.member_logliks(name, requests, prefixes)
         timing[f"{name} alone"] = time.perf_counter() - started
     return out
+
+
+def scored_offline(backend: Backend, distributions: Sequence[str]) -> list[str]:
+    """The distributions whose log-likelihoods come from the members' own passes (text-level `mean`,
+    ungated): no ensemble stepping at all."""
+    if len(backend.config.members) < 2 or backend.config.gate is not None:
+        return []
+    return [d for d in distributions if fusion.strategy_class(d).scores_text]
 
 
 async def score_ensemble(
@@ -300,8 +314,17 @@ async def multiple_choice(
     methods = {s: choice_method(s, mc_vote) for s in strategies}
     scored = [s for s in strategies if methods[s] == "scored"]
     requests, spans = choice_requests(questions)
-    member_ll = await score_members(backend, requests, timing)
-    ensemble_ll = await score_ensemble(backend, requests, scoring_strategies(scored), weights, timing)
+    distributions = scoring_strategies(scored)
+    offline = scored_offline(backend, distributions)
+    plans = text_plans(requests, backend.tables) if offline else None
+    member_ll = await score_members(backend, requests, timing, plans)
+    ensemble_ll = await score_ensemble(
+        backend, requests, [d for d in distributions if d not in offline], weights, timing
+    )
+    if plans is not None:
+        names = [m.name for m in backend.config.members]
+        mixed = text_mixture(plans, member_ll, dict(zip(names, weights, strict=True)))
+        ensemble_ll.update({d: mixed for d in offline})
     letters = await generate_letters(
         backend, questions, [s for s in strategies if methods[s] == "letters"], seed, timing
     )

@@ -69,3 +69,4 @@ from consort.runtime.fusion import mean  # noqa: E402, F401, I001
 from consort.runtime.fusion import deepen  # noqa: E402, F401
 from consort.runtime.fusion import me  # noqa: E402, F401
 from consort.runtime import vote_groups  # noqa: E402, F401
+from consort.runtime.routing import strategy as routing_strategy  # noqa: E402, F401

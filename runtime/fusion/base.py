@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from consort.runtime.core import EnsembleCore, SequenceState
     from consort.runtime.prompts import Prompt
     from consort.runtime.sampling import SamplingParams
-    from consort.runtime.types import InvertWork, RequestOptions, SeqResult
+    from consort.runtime.types import InvertSpec, InvertWork, RequestOptions, SeqResult
 
 StrategyLevel = Literal["token", "answer"]
 
@@ -49,6 +49,8 @@ class Decision:
     fused: bool  # whether several members' distributions were combined
     drawn: str | None = None  # the member drawn (me) or the only member consulted
     forced_logprob: float | None = None  # scoring: log-probability of the sequence's forced next piece
+    # Candidates from several vocabularies: greedy picks the most probable text (textprob.text_greedy).
+    text_level: bool = False
 
 
 @dataclass
@@ -77,6 +79,9 @@ class Strategy:
     # The token-level strategy whose distribution scores given text for this one (log-likelihood,
     # echo log-probs): itself by default; None when it has no distribution over text (answer level).
     scored_as: ClassVar[str | None] = None
+    # Whether text is scored at the text level (runtime/textprob.py: every member's tokens that are
+    # consistent with the text count) rather than by the forced piece's entry in `decide`'s output.
+    scores_text: ClassVar[bool] = False
 
     def __init__(self, ctx: EnsembleContext) -> None:
         self.ctx = ctx
@@ -104,8 +109,15 @@ class Strategy:
         """Members that must also compute, after seeing the first results (gate)."""
         return {}
 
+    def invert_spec(self, seq: SequenceState, members: Collection[str]) -> InvertSpec | None:
+        """DeePEn's inverse search for the main member to run within the step, if this step needs
+        one once `members` (those that computed earlier in the step and those computing now) have
+        computed; the executor passes the main member the others' results of the same round."""
+        return None
+
     def invert_work(self, seq: SequenceState, results: dict[str, SeqResult]) -> InvertWork | None:
-        """DeePEn's inverse search to run on the main member, if this step needs one."""
+        """DeePEn's inverse search to run on the main member, if this step needs one (the
+        two-round path: a round of its own after the step)."""
         return None
 
     def decide(

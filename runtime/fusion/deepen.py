@@ -9,6 +9,7 @@ its own vocabulary whose projection matches the average.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +26,8 @@ from consort.runtime.fusion.base import (
     tail_logprob,
 )
 from consort.runtime.fusion.gate import GatedStrategy
-from consort.runtime.types import InvertWork, SeqResult
+from consort.runtime.types import InvertSpec, InvertWork, SeqResult
+from consort.runtime.vocab import TokenTable
 
 if TYPE_CHECKING:
     from consort.runtime.core import SequenceState
@@ -54,36 +56,34 @@ class DeepenStrategy(GatedStrategy):
     def _active(self, seq: SequenceState, results: dict[str, SeqResult]) -> list[str]:
         return [n for n in self.ctx.names if n in results and seq.weight(n) > 0]
 
+    def invert_spec(self, seq: SequenceState, members: Collection[str]) -> InvertSpec | None:
+        """The inverse search the main member runs within the step, when `members` compute."""
+        active = [n for n in self.ctx.names if n in members and seq.weight(n) > 0]
+        if len(active) < 2:
+            return None
+        weights = normalised_weights(active, [seq.weight(n) for n in active])
+        deepen = self.ctx.config.deepen
+        return InvertSpec(
+            members=active,
+            weights=[weights[n] for n in active],
+            top_k=deepen.relative_top_k,
+            steps=deepen.steps,
+            learning_rate=deepen.learning_rate,
+        )
+
     def invert_work(self, seq: SequenceState, results: dict[str, SeqResult]) -> InvertWork | None:
+        """The inverse search as a round of its own, after the step (the two-round path)."""
         active = self._active(seq, results)
         if len(active) < 2:
             return None
         weights = normalised_weights(active, [seq.weight(n) for n in active])
-        target = torch.stack([weights[n] * _relative(results[n]) for n in active]).sum(0)
         main, k = self.ctx.main, self.ctx.config.deepen.relative_top_k
-        main_result = results[main]
-        main_table = self.ctx.table(main)
-        candidate_ids: list[int] = main_result.top_ids[:k].tolist()
-        for name in active:
-            if name == main:
-                continue
-            table = self.ctx.table(name)
-            for token_id in results[name].top_ids[:k].tolist():
-                key = member_key(table, token_id)
-                if key is None:
-                    continue
-                mapped = main_table.id_of(key)
-                if mapped is None:
-                    mapped = main_table.first_token(key)
-                if mapped is not None:  # None: the main vocabulary cannot spell this piece at all
-                    candidate_ids.append(mapped)
-        if seq.forced:
-            candidate_ids.append(seq.forced[0].token_id)
-        candidate_ids = list(dict.fromkeys(candidate_ids))
-        known = dict(zip(main_result.top_ids.tolist(), main_result.top_logprobs.tolist(), strict=True))
-        tail = tail_logprob(main_result, main_table.vocab_size)
-        initial = torch.tensor([known.get(c, tail) for c in candidate_ids], dtype=torch.float32)
-        return InvertWork(seq.seq_id, target, torch.tensor(candidate_ids), torch.log_softmax(initial, -1))
+        keys = {
+            name: [member_key(self.ctx.table(name), t) for t in results[name].top_ids[:k].tolist()]
+            for name in active
+            if name != main
+        }
+        return build_invert_work(seq.seq_id, main, self.ctx.table(main), weights, results, keys, k)
 
     def decide(self, seq: SequenceState, results: dict[str, SeqResult], inverted: torch.Tensor | None) -> Decision:
         main = self.ctx.main
@@ -102,9 +102,68 @@ class DeepenStrategy(GatedStrategy):
                 values.append(logprob)
         decision = Decision(candidates, torch.log_softmax(torch.tensor(values), -1), fused=True)
         if forced is not None:
-            index = work.candidate_ids.tolist().index(forced.token_id)
-            decision.forced_logprob = float(inverted[index])
+            decision.forced_logprob = _forced_logprob(work, inverted, results[main], forced.token_id, table.vocab_size)
         return decision
+
+
+def _forced_logprob(
+    work: InvertWork, inverted: torch.Tensor, main: SeqResult, token_id: int, vocab_size: int
+) -> float:
+    """The fused distribution over the main member's whole vocabulary, at one token.
+
+    The inverse search redistributes the main member's mass on the candidate set; every other
+    token keeps the main member's own probability. (Adding the scored token to the candidates
+    instead, as DeePEn's code does, gives it the search's starting value almost unchanged: every
+    unlikely answer then scores the same constant, and ranking them is a tie.)
+    """
+    own = main.logprobs
+    if own is None:
+        own_at = tail_logprob(main, vocab_size)
+        candidate_mass = float(torch.logsumexp(main.top_logprobs, 0))
+    else:
+        own_at = float(own[token_id])
+        candidate_mass = float(torch.logsumexp(own[work.candidate_ids], 0))
+    hits = (work.candidate_ids == token_id).nonzero()
+    if hits.numel():
+        return min(candidate_mass, 0.0) + float(inverted[hits[0, 0]])
+    return own_at
+
+
+def build_invert_work(
+    seq_id: str,
+    main: str,
+    main_table: TokenTable,
+    weights: Mapping[str, float],
+    results: Mapping[str, SeqResult],
+    keys: Mapping[str, Sequence[bytes | None]],
+    k: int,
+) -> InvertWork:
+    """DeePEn's inverse search for one sequence: the weighted average of the members' relative
+    vectors (`weights`, in the ensemble's order), and the candidates in the main member's vocabulary
+    (its own top `k`, then the other members' top `k` by their keys) starting from its own log-probs.
+
+    The coordinator builds it for a round of its own; the main member builds the same within the
+    step, from the other members' results passed to it.
+    """
+    target = torch.stack([weight * _relative(results[n]) for n, weight in weights.items()]).sum(0)
+    main_result = results[main]
+    candidate_ids: list[int] = main_result.top_ids[:k].tolist()
+    for name in weights:
+        if name == main:
+            continue
+        for key in keys[name]:
+            if key is None:
+                continue
+            mapped = main_table.id_of(key)
+            if mapped is None:
+                mapped = main_table.first_token(key)
+            if mapped is not None:  # None: the main vocabulary cannot spell this piece at all
+                candidate_ids.append(mapped)
+    candidate_ids = list(dict.fromkeys(candidate_ids))
+    known = dict(zip(main_result.top_ids.tolist(), main_result.top_logprobs.tolist(), strict=True))
+    tail = tail_logprob(main_result, main_table.vocab_size)
+    initial = torch.tensor([known.get(c, tail) for c in candidate_ids], dtype=torch.float32)
+    return InvertWork(seq_id, target, torch.tensor(candidate_ids), torch.log_softmax(initial, -1))
 
 
 def _relative(result: SeqResult) -> torch.Tensor:

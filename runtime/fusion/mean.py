@@ -1,11 +1,15 @@
 """`mean`: weighted average of the members' next-token probabilities.
 
 Identical vocabularies average the full distributions exactly. Different
-vocabularies are aligned by the candidate's bytes over the union of every
-member's top-k (UniTE/GaC): a candidate a member lacks as a single token gets
-that member's probability of the first token of its own tokenization of the
-candidate text; a token outside a member's top-k gets its share of the leftover
-mass.
+vocabularies are averaged as distributions over pieces of text: every member
+token of the union of the members' top-k (UniTE/GaC) is a candidate piece, and
+each member gives probability to exactly the pieces it can emit as one token —
+its own token's probability, never a share of another piece's. A piece one
+member spells with several tokens (":[" where the other has ":" then "[") is not
+a rival of the shorter one: sampling from this mixture continues the text with
+":" exactly as often as the members together would, through whichever piece.
+Scoring given text goes further and counts, for each member, every token
+consistent with the text (`runtime/textprob.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class MeanStrategy(GatedStrategy):
     """Weighted average of the members' next-token probabilities (UniTE/GaC union of top-k across vocabularies)."""
 
     name = "mean"
+    scores_text = True
 
     def member_flags(self) -> WorkFlags:
         return WorkFlags(full=self.ctx.identical_vocab)
@@ -93,42 +98,37 @@ class MeanStrategy(GatedStrategy):
         for name, weight in weights.items():
             table, result = self.ctx.table(name), results[name]
             tail = tail_logprob(result, table.vocab_size)
-            by_id = {tid: lp for tid, lp in tops[name].values()}
             for i, key in enumerate(keys):
                 own = tops[name].get(key)
                 if own is not None:
                     token_id, logprob = own
-                    single = True
                 else:
-                    token_id, single = self._lookup(name, key)
-                    if token_id is None:
-                        logprob = tail
-                    elif result.logprobs is not None:
-                        logprob = float(result.logprobs[token_id])
-                    else:
-                        logprob = by_id.get(token_id, tail)
+                    found = self._token_of(name, key)
+                    if found is None:
+                        continue  # this member cannot emit the piece as one token: its mass is on its own pieces
+                    token_id = found
+                    logprob = float(result.logprobs[token_id]) if result.logprobs is not None else tail
                 fused[i] += weight * math.exp(logprob)
                 # The owner feeds its token exactly; prefer the main member, then the strongest voice.
-                if single:
-                    score = weight * math.exp(logprob) + (1.0 if name == self.ctx.main else 0.0)
-                    if score > owners[i][2]:
-                        owners[i] = (name, token_id, score)
+                score = weight * math.exp(logprob) + (1.0 if name == self.ctx.main else 0.0)
+                if score > owners[i][2]:
+                    owners[i] = (name, token_id, score)
         candidates = [Candidate(k, owner, tid) for k, (owner, tid, _) in zip(keys, owners, strict=True)]
-        total = torch.tensor(fused)
-        decision = Decision(candidates, torch.log(total / total.sum()), fused=True)
+        total = torch.tensor(fused, dtype=torch.float64)
+        # A forced piece no member spells as one token has probability zero here; the text-level
+        # scorer gives it its real probability.
+        logprobs = torch.log(total / total.sum()).to(torch.float32)
+        decision = Decision(candidates, logprobs, fused=True, text_level=True)
         if forced is not None:
             decision.forced_logprob = float(decision.logprobs[keys.index(forced.key)])
         return decision
 
-    def _lookup(self, member: str, key: bytes) -> tuple[int | None, bool]:
-        """(token id standing for `key` in this member's vocabulary, whether it is the whole key)."""
+    def _token_of(self, member: str, key: bytes) -> int | None:
+        """The member's token that is exactly this piece, if it has one."""
         table = self.ctx.table(member)
         if key == EOS_KEY:
-            return min(table.eos_ids), True
-        token_id = table.id_of(key)
-        if token_id is not None:
-            return token_id, True
-        return table.first_token(key), False
+            return min(table.eos_ids)
+        return table.id_of(key)
 
 
 def _full(result: SeqResult) -> torch.Tensor:

@@ -90,6 +90,7 @@ def test_step_profile_separates_member_compute_from_the_loop(coordinator) -> Non
         assert 0 < record["critical_member_seconds"] <= record["loop_seconds"]
         assert set(record["member_compute_seconds"]) == set(after)
         assert set(record["invert_compute_seconds"]) == {"smollm2"}  # deepen inverts in the main member only
+        assert record["rounds"] == 1  # ... within its step: one round trip
     for name in after:
         reported = sum(r["member_compute_seconds"][name] + r["invert_compute_seconds"].get(name, 0.0) for r in records)
         timed_inside = (after[name]["step_seconds"] - before[name]["step_seconds"]) + (
@@ -133,17 +134,24 @@ def test_both_transports_give_the_same_text(coordinator, config) -> None:
         for strategy in ("mean", "deepen", "me"):
             options = RequestOptions(strategy=strategy)
             plain = [run(complete(coordinator, p, params, options)).text for p in PROMPTS]
+            ray.get(graph.step_profile.remote())
             through_graph = [run(complete(graph, p, params, options)).text for p in PROMPTS]
             assert through_graph == plain and all(plain), strategy
+            # deepen too: the main member's `finish` task reads the others' answers in the same execution.
+            records = ray.get(graph.step_profile.remote())["recent"]
+            assert records and all(r["rounds"] == 1 for r in records), strategy
     finally:
         ray.get(graph.shutdown.remote())
         ray.kill(graph)
 
 
-def _fault_mid_generation(config, transport: str, step_timeout_s: float, fault: Any, heal: Any = None) -> MemberLost:
+def _fault_mid_generation(
+    config, transport: str, step_timeout_s: float, fault: Any, heal: Any = None, strategy: str = "mean"
+) -> MemberLost:
     """Start an ensemble, apply `fault` to member gemma3's actor at the third delta of a long request,
     and return the MemberLost that request ends with (its seconds after the fault in `.after_s`);
-    then `heal`, and check a new request succeeds."""
+    then `heal`, and check a new request succeeds. Under `deepen` the main member (smollm2) waits on
+    gemma3's answer within the round: the loss must still name gemma3."""
     raw = {**config.model_dump(), "step_timeout_s": step_timeout_s, "transport": transport}
     actor = start_coordinator(parse_config(raw))
     try:
@@ -153,7 +161,7 @@ def _fault_mid_generation(config, transport: str, step_timeout_s: float, fault: 
         async def generate_through_the_fault() -> MemberLost:
             seen, faulted_at = 0, 0.0
             try:
-                async for _delta in stream(actor, PROMPTS[0], long, RequestOptions(strategy="mean")):
+                async for _delta in stream(actor, PROMPTS[0], long, RequestOptions(strategy=strategy)):
                     seen += 1
                     if seen == 3:
                         fault(member)
@@ -172,7 +180,7 @@ def _fault_mid_generation(config, transport: str, step_timeout_s: float, fault: 
         while True:
             asked = time.monotonic()
             try:
-                after = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy="mean")))
+                after = run(complete(actor, PROMPTS[1], GREEDY, RequestOptions(strategy=strategy)))
                 break
             except MemberLost:
                 assert time.monotonic() - asked < 5, "a request during recovery waited instead of failing fast"
@@ -185,14 +193,18 @@ def _fault_mid_generation(config, transport: str, step_timeout_s: float, fault: 
         ray.kill(actor)
 
 
+@pytest.mark.parametrize("strategy", ["mean", "deepen"])
 @pytest.mark.parametrize("transport", ["compiled_graph", "actor_calls"])
-def test_a_killed_member_fails_requests_fast_and_recovers(ray_cluster, config, transport: str) -> None:
-    lost = _fault_mid_generation(config, transport, 30, lambda member: ray.kill(member, no_restart=False))
+def test_a_killed_member_fails_requests_fast_and_recovers(ray_cluster, config, transport: str, strategy: str) -> None:
+    lost = _fault_mid_generation(
+        config, transport, 30, lambda member: ray.kill(member, no_restart=False), strategy=strategy
+    )
     assert "gemma3" in str(lost) and lost.after_s < 10  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("strategy", ["mean", "deepen"])
 @pytest.mark.parametrize("transport", ["compiled_graph", "actor_calls"])
-def test_a_frozen_member_times_out_as_lost_and_recovers(ray_cluster, config, transport: str) -> None:
+def test_a_frozen_member_times_out_as_lost_and_recovers(ray_cluster, config, transport: str, strategy: str) -> None:
     # SIGSTOP: alive, but answers nothing; only the step timeout can tell.
     pids: list[int] = []
 
@@ -204,7 +216,7 @@ def test_a_frozen_member_times_out_as_lost_and_recovers(ray_cluster, config, tra
         if pids:
             os.kill(pids[0], signal.SIGCONT)
 
-    lost = _fault_mid_generation(config, transport, 3, freeze, heal=thaw)
+    lost = _fault_mid_generation(config, transport, 3, freeze, heal=thaw, strategy=strategy)
     assert "gemma3" in str(lost) and "no answer within 3 s" in str(lost)
     assert lost.after_s < 15  # type: ignore[attr-defined]
 

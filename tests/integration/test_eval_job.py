@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from consort.deploy.jobs.eval import main
+from consort.runtime import fusion
 from tests.integration.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,7 +91,7 @@ def test_bad_input_from_the_command_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "consort eval: error: unknown strategy 'median'; choose from members, mean, deepen, me, vote"
+        f"consort eval: error: unknown strategy 'median'; choose from members, {', '.join(fusion.names())}"
     ]
 
 

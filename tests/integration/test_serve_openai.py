@@ -161,7 +161,10 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
     for entry in content:
         assert entry.logprob <= 0 and 1 <= len(entry.top_logprobs) <= 3
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
-        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob), "greedy takes the most likely"
+        # Greedy takes the most probable text: across these two vocabularies that is the piece on
+        # the most probable path (runtime/textprob.text_greedy), which need not lead the list of
+        # single pieces; never one more likely than the list's first.
+        assert entry.logprob <= entry.top_logprobs[0].logprob + 1e-6
 
 
 def test_completion_logprobs(client: openai.OpenAI) -> None:

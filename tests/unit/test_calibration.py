@@ -12,13 +12,13 @@ from consort.runtime.errors import ConfigError
 from consort.runtime.evaluation.calibration import (
     GridScore,
     grid_search,
-    mixture_loglik,
     multiple_choice_score,
     simplex_grid,
     with_weights,
     write_config,
 )
 from consort.runtime.evaluation.questions import vote_on_picks
+from consort.runtime.textprob import mix
 
 
 def test_simplex_grid_covers_the_simplex() -> None:
@@ -32,23 +32,6 @@ def test_simplex_grid_covers_the_simplex() -> None:
     assert all(math.isclose(sum(p), 1.0) for p in simplex_grid(3, 0.1))
     with pytest.raises(ConfigError, match="divide 1"):
         simplex_grid(2, 0.3)
-
-
-def test_mixture_of_identical_members_is_the_member() -> None:
-    pieces = [-0.5, -2.0, -0.1]
-    for weights in ([0.5, 0.5], [0.9, 0.1], [1.0, 0.0]):
-        assert mixture_loglik(weights, [pieces, pieces]) == pytest.approx(sum(pieces))
-
-
-def test_mixture_is_per_piece_and_falls_back_to_the_sequence_level() -> None:
-    a, b = [math.log(0.5), math.log(0.5)], [math.log(0.1), math.log(0.9)]
-    expected = math.log(0.5 * 0.5 + 0.5 * 0.1) + math.log(0.5 * 0.5 + 0.5 * 0.9)
-    assert mixture_loglik([1, 1], [a, b]) == pytest.approx(expected)
-    assert mixture_loglik([0, 1], [a, b]) == pytest.approx(sum(b))
-    # Different piece counts: the mixture of whole-sequence probabilities.
-    assert mixture_loglik([1, 1], [[math.log(0.2)], [math.log(0.5), math.log(0.2)]]) == pytest.approx(
-        math.log(0.5 * 0.2 + 0.5 * 0.1)
-    )
 
 
 def _synthetic(seed: int = 0, questions: int = 60) -> tuple[list, list, list]:
@@ -81,7 +64,7 @@ def test_grid_search_favours_the_member_that_knows(metric, strong: int) -> None:
             row = []
             for good, noise in per_choice:
                 members = [good, noise] if strong == 0 else [noise, good]
-                row.append(mixture_loglik(weights, members))
+                row.append(sum(mix({"x": members[0], "y": members[1]}, dict(zip("xy", weights, strict=True)))))
             logliks.append(row)
         return multiple_choice_score(weights, logliks, choices, golds, normalization="none")
 

@@ -98,8 +98,6 @@ UNSUPPORTED_VALUES: list[tuple[type[BaseModel], str, object, object]] = [
     (CompletionRequest, "logit_bias", {}, {"50256": -100.0}),
     (CompletionRequest, "suffix", "", "tail"),
     (CompletionRequest, "best_of", 1, 3),
-    (ChatCompletionRequest, "tools", [], [{"type": "function"}]),
-    (ChatCompletionRequest, "response_format", {"type": "text"}, {"type": "json_object"}),
 ]
 
 
@@ -376,7 +374,22 @@ AGREEMENT: list[tuple[str, dict[str, Any], bool]] = [
     ("ChatCompletionRequest", {**CHAT, "top_logprobs": None}, True),
     ("ChatCompletionRequest", {**CHAT, "tools": []}, True),
     ("ChatCompletionRequest", {**CHAT, "tools": [{"type": "function"}]}, False),
-    ("ChatCompletionRequest", {**CHAT, "response_format": {"type": "json_object"}}, False),
+    ("ChatCompletionRequest", {**CHAT, "response_format": {"type": "json_object"}}, True),
+    ("ChatCompletionRequest", {**CHAT, "response_format": {"type": "json_schema"}}, False),
+    (
+        "ChatCompletionRequest",
+        {**CHAT, "response_format": {"type": "text", "json_schema": {"name": "x"}}},
+        False,
+    ),
+    ("CompletionRequest", {**COMPLETION, "structured_outputs": {"regex": "a", "choice": ["a"]}}, False),
+    ("CompletionRequest", {**COMPLETION, "structured_outputs": {"json_object": True}}, True),
+    ("CompletionRequest", {**COMPLETION, "structured_outputs": {"json_object": False}}, False),
+    (
+        "ChatCompletionRequest",
+        {**CHAT, "messages": [{"role": "tool", "content": "x", "tool_call_id": "c"}]},
+        True,
+    ),
+    ("ChatCompletionRequest", {**CHAT, "messages": [{"role": "assistant"}]}, False),
     ("ChatCompletionRequest", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]}, False),
     ("ChatCompletionRequest", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, False),
 ]

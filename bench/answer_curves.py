@@ -1,0 +1,349 @@
+"""Accuracy versus the number of sampled answers, one line per answer-level strategy (issue 15, items 2-4).
+
+    python -m bench.answer_curves --config examples/qwen-coders.yaml --task gsm8k_chat --limit 200 \
+        --out results/answer_curves [--samples 1,3,5,10,20] [--parts samples,cot,debate]
+
+In process (no Ray), one question chunk at a time, every part of a question written to
+`<out>/<task>.jsonl` as soon as it is done, so an interrupted run resumes where it stopped
+(a line per question and part; rerun the same command). At the end `<out>/<task>.json`
+holds the curves and `<out>/<task>.png` draws them, with the best member's greedy accuracy
+as a dashed line.
+
+What runs per question (M members, N = the largest of --samples):
+
+- samples: each member's greedy answer, and ceil(N / M) answers per member at --temperature.
+  `vote` over n answers is the first n in the order the strategy draws them (member i mod M,
+  its (i div M)-th sample); `mux` with k answers per member is each member's first k (x = k*M).
+  Both are chosen with the strategies' own selection functions (`vote.select_answer`,
+  `vote.select_member`) over this one pool, as Agent Forest draws its curves.
+- cot: the `vote` strategy with cot_branches = ceil(N / M), run as served; its diagnostics hold
+  every branch and its margin. `vote+cot` and `mux+cot` with k branches per member keep the
+  branches of first-token rank < k (x = k*M).
+- debate: the `debate` strategy with --debate-rounds rounds, run as served; the answer after
+  round r is the majority of that round's answers (x = M*(r+1)).
+
+Scoring never feeds selection: GSM8K compares the extracted number with the gold one;
+HumanEval runs every distinct completion once in the sandbox, and a strategy is right when
+the completion it *selected* (by similarity, `vote_kind` free) passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from consort.runtime.answers import cut_at_stop
+from consort.runtime.config import EnsembleConfig, load_config, members_config
+from consort.runtime.cot_decoding import best_paths
+from consort.runtime.evaluation.metrics import run_code, score_generation
+from consort.runtime.evaluation.questions import question_seed
+from consort.runtime.evaluation.registry import load_task
+from consort.runtime.evaluation.specs import GenerationQuestion
+from consort.runtime.loop import EnsembleLoop
+from consort.runtime.prompts import ChatMessage, Prompt
+from consort.runtime.sampling import SamplingParams
+from consort.runtime.types import Completion, RequestOptions, VoteKind
+from consort.runtime.vote import select_answer, select_member
+from consort.runtime.vote_groups import alone
+
+PARTS = ("samples", "cot", "debate")
+
+
+# --- running requests in process ---------------------------------------------------------------
+
+
+def run_all(
+    loop: EnsembleLoop, requests: Sequence[tuple[Prompt, SamplingParams, RequestOptions]]
+) -> list[Completion]:
+    """Every request to its end, batched together (continuous batching in one process)."""
+    ids = [loop.core.add(prompt, params, options) for prompt, params, options in requests]
+    done = {i: Completion() for i in ids}
+    while not all(c.finished for c in done.values()):
+        for delta in asyncio.run(loop.core.step()):
+            if delta.seq_id in done:
+                done[delta.seq_id].add(delta)
+    return [done[i] for i in ids]
+
+
+def prompt_of(question: GenerationQuestion) -> Prompt:
+    if question.chat:
+        return Prompt(messages=[ChatMessage(role="user", content=question.prompt)])
+    return Prompt(text=question.prompt)
+
+
+def kind_of(question: GenerationQuestion) -> VoteKind:
+    return "free" if question.answer_kind == "code" else question.answer_kind
+
+
+def params_of(question: GenerationQuestion, temperature: float, seed: int | None) -> SamplingParams:
+    return SamplingParams(
+        temperature=temperature, max_tokens=question.max_tokens, stop=question.stop, seed=seed
+    )
+
+
+def correctness(question: GenerationQuestion, texts: Sequence[str]) -> dict[str, bool]:
+    """Whether each distinct text answers `question` (code: run once each in the sandbox)."""
+    distinct = list(dict.fromkeys(texts))
+    if question.answer_kind == "code":
+        return {t: r.passed for t, r in zip(distinct, run_code(question, distinct), strict=True)}
+    return {t: score_generation(question, t) for t in distinct}
+
+
+# --- the parts of one question ------------------------------------------------------------------
+
+
+def part_requests(
+    part: str, question: GenerationQuestion, names: list[str], args: argparse.Namespace
+) -> list[tuple[Prompt, SamplingParams, RequestOptions]]:
+    prompt, seed = prompt_of(question), question_seed(args.seed, question.task, question.id)
+    per_member = math.ceil(max(args.samples) / len(names))
+    if part == "samples":
+        requests = [(prompt, params_of(question, 0.0, seed), alone(names, m)) for m in names]
+        for m in names:
+            for j in range(per_member):
+                requests.append(
+                    (prompt, params_of(question, args.temperature, seed + 1 + j), alone(names, m))
+                )
+        return requests
+    kind = kind_of(question)
+    if part == "cot":
+        options = RequestOptions(strategy="vote", vote_kind=kind, cot_branches=per_member)
+        return [(prompt, params_of(question, 0.0, seed), options)]
+    if part == "debate":
+        options = RequestOptions(strategy="debate", vote_kind=kind, debate_rounds=args.debate_rounds)
+        return [(prompt, params_of(question, args.debate_temperature, seed), options)]
+    raise SystemExit(f"unknown part {part!r}; use {', '.join(PARTS)}")
+
+
+def part_record(
+    part: str, question: GenerationQuestion, names: list[str], outcomes: Sequence[Completion]
+) -> dict[str, Any]:
+    record: dict[str, Any] = {"task": question.task, "id": question.id, "part": part}
+    if part == "samples":
+        greedy, sampled = outcomes[: len(names)], outcomes[len(names) :]
+        per_member = len(sampled) // len(names)
+        record["members"] = {
+            m: {
+                "greedy": greedy[i].text,
+                "samples": [c.text for c in sampled[i * per_member : (i + 1) * per_member]],
+            }
+            for i, m in enumerate(names)
+        }
+        texts = [t for entry in record["members"].values() for t in [entry["greedy"], *entry["samples"]]]
+    elif part == "cot":
+        (outcome,) = outcomes
+        (diagnostic,) = outcome.diagnostics
+        record["paths"] = diagnostic["cot"]
+        texts = [p["text"] for p in record["paths"]]
+    else:
+        (outcome,) = outcomes
+        (diagnostic,) = outcome.diagnostics
+        record["rounds"] = [r["answers"] for r in diagnostic["debate"]]
+        texts = [t for answers in record["rounds"] for t in answers.values()]
+    record["tokens"] = sum(c.completion_tokens for c in outcomes)
+    record["correct"] = correctness(question, texts)
+    return record
+
+
+# --- curves from the records --------------------------------------------------------------------
+
+
+def _selectable(question: GenerationQuestion, text: str) -> str:
+    return cut_at_stop(text, question.stop) if question.answer_kind == "code" else text
+
+
+def curves(
+    questions: Sequence[GenerationQuestion],
+    records: dict[tuple[str, str], dict[str, Any]],
+    names: list[str],
+    grid: Sequence[int],
+    accuracy: dict[str, float],
+) -> dict[str, dict[int, float]]:
+    """Strategy -> {answers drawn per question: accuracy}, over the questions every part of it has."""
+    m = len(names)
+    ks = sorted({max(1, n // m) for n in grid})
+    points: dict[str, dict[int, list[bool]]] = {}
+
+    def add(strategy: str, x: int, ok: bool) -> None:
+        points.setdefault(strategy, {}).setdefault(x, []).append(ok)
+
+    for q in questions:
+        kind = kind_of(q)
+        samples = records.get((q.id, "samples"))
+        if samples is not None:
+            correct, members = samples["correct"], samples["members"]
+            for name in names:
+                add(f"{name} greedy", 1, correct[members[name]["greedy"]])
+            for n in grid:
+                drawn = [members[names[i % m]]["samples"][i // m] for i in range(n)]
+                chosen = select_answer([_selectable(q, t) for t in drawn], kind=kind)
+                add("vote", n, correct[drawn[chosen.index]])
+            for k in ks:
+                own = {name: members[name]["samples"][:k] for name in names}
+                mux = select_member(
+                    {name: [_selectable(q, t) for t in texts] for name, texts in own.items()},
+                    kind=kind,
+                    accuracy=accuracy,
+                )
+                add("mux", k * m, correct[own[mux.member][mux.index]])
+        cot = records.get((q.id, "cot"))
+        if cot is not None:
+            correct = cot["correct"]
+            for k in ks:
+                paths = [_Path(p) for p in cot["paths"] if p["rank"] < k]
+                if not paths:
+                    continue
+                ballots = sorted(best_paths(paths).values(), key=lambda p: -p.margin)  # type: ignore[arg-type]
+                chosen = select_answer([_selectable(q, p.text) for p in ballots], kind=kind)
+                add("vote+cot", k * m, correct[ballots[chosen.index].text])
+                by_member: dict[str, list[_Path]] = {}
+                for path in sorted(paths, key=lambda p: -p.margin):
+                    by_member.setdefault(path.member, []).append(path)
+                mux = select_member(
+                    {
+                        name: [_selectable(q, p.text) for p in by_member[name]]
+                        for name in names
+                        if name in by_member
+                    },
+                    kind=kind,
+                    accuracy={n: a for n, a in accuracy.items() if n in by_member},
+                )
+                add("mux+cot", k * m, correct[by_member[mux.member][mux.index].text])
+        debate = records.get((q.id, "debate"))
+        if debate is not None:
+            correct = debate["correct"]
+            for r, answers in enumerate(debate["rounds"]):
+                texts = [answers[name] for name in names if name in answers]
+                chosen = select_answer([_selectable(q, t) for t in texts], kind=kind)
+                add("debate", len(texts) * (r + 1), correct[texts[chosen.index]])
+    return {s: {x: sum(oks) / len(oks) for x, oks in sorted(xs.items())} for s, xs in points.items()}
+
+
+class _Path:
+    """A recorded CoT path, shaped like `cot_decoding.PathScore` for `best_paths`."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        self.member: str = entry["member"]
+        self.rank: int = entry["rank"]
+        self.margin: float = entry["margin"]
+        self.text: str = entry["text"]
+
+
+def chart(
+    path: Path, task: str, lines: dict[str, dict[int, float]], questions: int, members: list[str]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    greedy = {s: v for s, v in lines.items() if s.endswith(" greedy")}
+    for strategy, values in lines.items():
+        if strategy in greedy:
+            continue
+        xs = sorted(values)
+        axes.plot(xs, [100 * values[x] for x in xs], marker="o", label=strategy)
+    if greedy:
+        best_name, best = max(greedy.items(), key=lambda kv: kv[1][1])
+        axes.axhline(100 * best[1], linestyle="--", color="grey", label=f"best member greedy ({best_name})")
+    axes.set_xscale("log")
+    axes.set_xticks([1, 2, 3, 5, 10, 20])
+    axes.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.set_xlabel("answers generated per question")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(f"{task}: {questions} questions; members {', '.join(members)}", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def ensemble(args: argparse.Namespace) -> EnsembleConfig:
+    if args.config:
+        return load_config(args.config)
+    if args.members:
+        return members_config(args.members.split(","), "mean")
+    raise SystemExit("give --config or --members")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="ensemble YAML")
+    parser.add_argument("--members", help="comma-separated model references, instead of --config")
+    parser.add_argument("--task", required=True, choices=["gsm8k_chat", "gsm8k", "humaneval", "mbpp"])
+    parser.add_argument("--limit", type=int, help="the first N questions of the eval split")
+    parser.add_argument("--samples", default="1,3,5,10,20", help="answers per question on the x axis")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"what to run: {', '.join(PARTS)}")
+    parser.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature of vote/mux samples"
+    )
+    parser.add_argument("--debate-rounds", type=int, default=2)
+    parser.add_argument("--debate-temperature", type=float, default=0.0)
+    parser.add_argument("--member-accuracy", help="mux tie-breaker: dev accuracy per member, config order")
+    parser.add_argument("--max-tokens", type=int, help="cap every answer's tokens (smoke tests)")
+    parser.add_argument("--chunk", type=int, default=2, help="questions generated together")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.samples = sorted({int(n) for n in args.samples.split(",")})
+    parts = [p for p in args.parts.split(",") if p]
+    if unknown := set(parts) - set(PARTS):
+        raise SystemExit(f"unknown parts {sorted(unknown)}; use {', '.join(PARTS)}")
+
+    config = ensemble(args)
+    names = [m.name for m in config.members]
+    accuracy: dict[str, float] = {}
+    if args.member_accuracy:
+        accuracy = dict(zip(names, (float(a) for a in args.member_accuracy.split(",")), strict=True))
+    questions = [q for q in load_task(args.task, limit=args.limit) if isinstance(q, GenerationQuestion)]
+    if args.max_tokens:
+        questions = [
+            q.model_copy(update={"max_tokens": min(q.max_tokens, args.max_tokens)}) for q in questions
+        ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / f"{args.task}.jsonl"
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[(record["id"], record["part"])] = record
+    todo = [(q, p) for q in questions for p in parts if (q.id, p) not in records]
+    print(
+        f"{args.task}: {len(questions)} questions, {len(todo)} parts to run ({len(records)} done)", flush=True
+    )
+    if todo:
+        loop = EnsembleLoop.from_config(config, device="cpu")
+        with log_path.open("a") as log:
+            for start in range(0, len(todo), args.chunk):
+                chunk = todo[start : start + args.chunk]
+                requests = [part_requests(p, q, names, args) for q, p in chunk]
+                outcomes = run_all(loop, [r for rs in requests for r in rs])
+                at = 0
+                for (q, p), rs in zip(chunk, requests, strict=True):
+                    record = part_record(p, q, names, outcomes[at : at + len(rs)])
+                    at += len(rs)
+                    records[(q.id, p)] = record
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                print(f"  {min(start + args.chunk, len(todo))}/{len(todo)}", flush=True)
+    lines = curves(questions, records, names, args.samples, accuracy)
+    summary = {"task": args.task, "questions": len(questions), "members": names, "curves": lines}
+    (args.out / f"{args.task}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    chart(args.out / f"{args.task}.png", args.task, lines, len(questions), names)
+    for strategy, values in lines.items():
+        print(f"  {strategy:>16}: " + "  ".join(f"{x}: {100 * v:.1f}" for x, v in values.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Who got which question right: `consort eval` prediction records, read for the routers and the benchmark.
+
+Records live at <root>/<member>/<group>/predictions.jsonl (one JSON object a question: `task`, `id`,
+`question`, and per member `members.<name>.correct`). Several files may hold the same question for
+different members; they are merged. The dev/test split is a hash of (task, id): stable across runs and
+machines, and the same for every member, so routers are fitted on dev ids and measured on test ids only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from consort.runtime.errors import InvalidRequest
+
+
+@dataclass
+class QuestionRecord:
+    """One question and which members answered it correctly."""
+
+    task: str
+    id: str
+    question: str
+    correct: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.id}"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Dev/test by a hash of the question's key: a share `test_share` of questions is test."""
+
+    test_share: float = 0.5
+    salt: str = "consort-route"
+
+    def is_test(self, key: str) -> bool:
+        digest = hashlib.sha256(f"{self.salt}:{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.test_share
+
+    def dev(self, records: Iterable[QuestionRecord]) -> list[QuestionRecord]:
+        return [r for r in records if not self.is_test(r.key)]
+
+    def test(self, records: Iterable[QuestionRecord]) -> list[QuestionRecord]:
+        return [r for r in records if self.is_test(r.key)]
+
+
+def read_predictions(paths: Iterable[Path]) -> dict[str, QuestionRecord]:
+    """Merge prediction files into one record per question (a question's members come from every file)."""
+    out: dict[str, QuestionRecord] = {}
+    for path in paths:
+        with path.open() as handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    key = f"{row['task']}/{row['id']}"
+                    members = row["members"]
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise InvalidRequest(f"{path}:{line_no} is not a prediction record ({error})") from error
+                record = out.setdefault(
+                    key, QuestionRecord(row["task"], str(row["id"]), row.get("question") or "")
+                )
+                for member, answer in members.items():
+                    if isinstance(answer, Mapping) and answer.get("correct") is not None:
+                        record.correct[member] = bool(answer["correct"])
+    return out
+
+
+def find_predictions(root: Path, group: str | None = None) -> list[Path]:
+    """Every <root>/<member>/<group>/predictions.jsonl (of one group, or all)."""
+    pattern = f"*/{group}/predictions.jsonl" if group else "*/*/predictions.jsonl"
+    return sorted(root.glob(pattern))
+
+
+def complete_for(records: Mapping[str, QuestionRecord], members: Iterable[str]) -> list[QuestionRecord]:
+    """The questions every one of `members` has an answer for, in a stable order."""
+    wanted = list(members)
+    return [r for _, r in sorted(records.items()) if all(m in r.correct for m in wanted)]
