@@ -21,7 +21,7 @@ from consort.runtime.config import EnsembleConfig
 from consort.runtime.constraints import Constraint
 from consort.runtime.constraints.engine import compile_grammar
 from consort.runtime.constraints.tools import call_constraint
-from consort.runtime.errors import InvalidRequest, ModelNotFound, UnparsableContent
+from consort.runtime.errors import ConflictingOptions, InvalidRequest, ModelNotFound
 from consort.runtime.prompts import ChatMessage, Prompt
 from consort.runtime.sampling import SamplingParams
 from consort.runtime.types import RequestOptions, TokenLogprob
@@ -143,7 +143,7 @@ def output_constraint(request: EnsembleFields) -> Constraint | None:
         found.append(("guided_choice", Constraint(kind="choice", choices=request.guided_choice)))
     if len(found) > 1:
         names = ", ".join(name for name, _ in found)
-        raise InvalidRequest(f"one structured output at a time: this request sets {names}")
+        raise ConflictingOptions(f"one structured output at a time: this request sets {names}")
     return _checked(found[0][1], found[0][0]) if found else None
 
 
@@ -187,12 +187,13 @@ def _calls(message: ChatMessageIn) -> list[dict[str, Any]] | None:
         return None
     calls = []
     for call in message.tool_calls:
+        # A past call's arguments are the client's history: JSON becomes an object for the chat
+        # template; any other text is rendered as it was written (as chat templates do with a string).
+        arguments: Any
         try:
             arguments = json.loads(call.function.arguments)
-        except json.JSONDecodeError as error:
-            raise UnparsableContent(
-                f"the arguments of tool call {call.id!r} are not JSON: {error.msg} at {error.pos}"
-            ) from error
+        except json.JSONDecodeError:
+            arguments = call.function.arguments
         calls.append({"name": call.function.name, "arguments": arguments})
     return calls
 

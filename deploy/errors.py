@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from consort.deploy.openai_api import UNSUPPORTED, ErrorDetail, ErrorResponse
 from consort.runtime.errors import (
+    ConflictingOptions,
     ConsortError,
     InvalidRequest,
     MemberLost,
@@ -60,6 +61,7 @@ _CODES: list[tuple[type[ConsortError], str]] = [
     (MemberLost, "member_lost"),
     (QueueCapacityExceeded, "queue_capacity_exceeded"),
     (UnparsableContent, "unparsable_content"),
+    (ConflictingOptions, "conflicting_options"),
 ]
 
 

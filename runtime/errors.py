@@ -33,6 +33,11 @@ class UnparsableContent(InvalidRequest):
     grammar that does not compile; tool-call arguments that are not JSON): no schema of the API can say so."""
 
 
+class ConflictingOptions(InvalidRequest):
+    """Two request fields that each are valid ask for things that exclude each other (two structured
+    outputs at once)."""
+
+
 class PromptTooLong(InvalidRequest):
     """The prompt (plus max_tokens) does not fit a member's context window."""
 

@@ -336,7 +336,9 @@ def test_tool_request_errors(body: dict, match: str) -> None:
         asyncio.run(OpenAIService(ScriptedEngine("x"), CONFIG).chat(chat(**body)))
 
 
-def test_bad_tool_call_arguments_are_the_requests_error() -> None:
+def test_past_tool_call_arguments_that_are_not_json_are_rendered_as_written() -> None:
+    """A conversation's history is the client's: JSON arguments become an object for the template,
+    anything else is kept as the string it was (no 400 for history the schema allows)."""
     request = ChatCompletionRequest(
         model="consort",
         messages=[
@@ -348,8 +350,10 @@ def test_bad_tool_call_arguments_are_the_requests_error() -> None:
             }
         ],
     )
-    with pytest.raises(InvalidRequest, match="not JSON"):
-        convert.chat_prompt(request.messages)
+    prompt = convert.chat_prompt(request.messages)
+    assert prompt.messages is not None
+    (call,) = prompt.messages[0].tool_calls or []
+    assert call == {"name": "f", "arguments": "{oops"}
 
 
 # -- structured outputs over the OpenAI fields ------------------------------------------------------
