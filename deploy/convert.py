@@ -159,15 +159,17 @@ def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
     """The request's tools; None when there are none or tool_choice is none (the tools are then not shown)."""
     choice = request.tool_choice
     if not request.tools:
+        if choice == "auto":
+            return None  # nothing to choose from: a plain answer, as with no tools at all
         if choice is not None and choice != "none":
-            raise InvalidRequest("tool_choice needs tools")
+            raise ConflictingOptions("tool_choice requires a tool call, but the request has no tools")
         return None
     if choice == "none":
         return None
     tools = [t.model_dump(exclude_none=True) for t in request.tools]
     names = [t.function.name for t in request.tools]
     if len(set(names)) != len(names):
-        raise InvalidRequest("tool names must be unique")
+        raise ConflictingOptions("tool names must be unique")
     if choice is None or choice == "auto":
         return ToolPlan(tools, None)
     name = None if choice == "required" else choice.function.name

@@ -38,7 +38,7 @@ from consort.deploy.openai_api import (
 from consort.deploy.streams import Engine, Job, Primed, collect, merge, prime_all
 from consort.deploy.tool_calls import ToolDeltas, answer_message
 from consort.runtime.config import EnsembleConfig
-from consort.runtime.errors import ConsortError, InvalidRequest
+from consort.runtime.errors import ConflictingOptions, ConsortError, InvalidRequest
 from consort.runtime.prompts import Prompt
 from consort.runtime.types import Completion, RequestOptions, TokenLogprob
 
@@ -196,7 +196,7 @@ class OpenAIService:
         constraint = convert.output_constraint(request)
         if plan is not None and plan.constraint is not None:
             if constraint is not None:
-                raise InvalidRequest(
+                raise ConflictingOptions(
                     "a forced tool call (tool_choice required or named) takes no response_format"
                 )
             constraint = plan.constraint

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consort.runtime.constraints.spec import JSON_OPTIONS, Constraint
-from consort.runtime.errors import InvalidRequest
+from consort.runtime.errors import ConflictingOptions
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
@@ -106,7 +106,7 @@ def call_constraint(tools: list[dict[str, Any]], name: str | None, parallel: boo
     if name is not None:
         functions = [f for f in functions if f["name"] == name]
         if not functions:
-            raise InvalidRequest(f"tool_choice names the function {name!r}, which is not among the tools")
+            raise ConflictingOptions(f"tool_choice names the function {name!r}, which is not among the tools")
     bodies = []
     for function in functions:
         parameters = function.get("parameters") or {"type": "object", "properties": {}}

@@ -320,7 +320,7 @@ def test_tool_turns_continue_the_conversation() -> None:
 @pytest.mark.parametrize(
     ("body", "match"),
     [
-        ({"tool_choice": "required"}, "tool_choice needs tools"),
+        ({"tool_choice": "required"}, "requires a tool call, but the request has no tools"),
         (
             {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "not among the tools",
