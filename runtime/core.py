@@ -750,8 +750,9 @@ class EnsembleCore:
                 eos = torch.tensor([c.key == EOS_KEY for c in decision.candidates])
                 if eos.any() and not eos.all():
                     logprobs = logprobs.masked_fill(eos, float("-inf"))
-            mode = text_greedy([c.key for c in decision.candidates], logprobs) if decision.text_level else None
-            index = sample(logprobs, seq.params, seq.generator, mode)
+            # Only asked for when the choice is greedy: walking the pieces' trie every sampled step would be waste.
+            mode = functools.partial(text_greedy, [c.key for c in decision.candidates], logprobs)
+            index = sample(logprobs, seq.params, seq.generator, mode if decision.text_level else None)
             chosen = decision.candidates[index]
         seq.tokens += 1
         if decision.fused:

@@ -8,6 +8,8 @@ an index into that set.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -64,11 +66,14 @@ class SamplingFailed(ValueError):
 
 
 def sample(
-    logprobs: torch.Tensor, params: SamplingParams, generator: torch.Generator, mode: int | None = None
+    logprobs: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    mode: Callable[[], int] | None = None,
 ) -> int:
     """Pick an index from 1-D log-probabilities (need not be normalised; -inf = impossible).
 
-    `mode`: what greedy decoding picks, when that is not the argmax (pieces of text from several
+    `mode`: computes what greedy decoding picks, when that is not the argmax (pieces of text from several
     vocabularies: `textprob.text_greedy`); a temperature or top_p so small that one candidate is
     left is greedy decoding too, and picks it as well.
 
@@ -82,7 +87,7 @@ def sample(
     if not torch.isfinite(best):
         raise SamplingFailed(f"no candidate of {logprobs.numel()} is possible")
     if params.greedy:
-        return mode if mode is not None else int(torch.argmax(logprobs).item())
+        return mode() if mode is not None else int(torch.argmax(logprobs).item())
     # Shift first: the best candidate is 0 and the rest only grow more negative with 1/temperature.
     logits = (logprobs - best) / params.temperature
     if params.top_k and params.top_k < logits.numel():
@@ -97,7 +102,7 @@ def sample(
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     if mode is not None and int((probs > 0).sum()) == 1:
-        return mode
+        return mode()
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
