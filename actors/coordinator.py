@@ -29,7 +29,7 @@ from consort.runtime.core import EnsembleCore, StepStats
 from consort.runtime.errors import ConsortError, MemberLost, Overloaded
 from consort.runtime.prompts import Prompt
 from consort.runtime.sampling import SamplingParams
-from consort.runtime.scoring import add_scoring, per_main_token
+from consort.runtime.scoring import add_scoring, add_scoring_ids, per_main_token, per_token
 from consort.runtime.types import Delta, MemberInfo, RequestOptions, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,23 @@ class Coordinator:
             return [None, *await self.score(Prompt(text=head), prompt_text[len(head) :], options)]
         return [None, *[lp async for delta in self._follow(seq_id, timed=False) for lp in delta.logprobs]]
 
+    async def prompt_token_logprobs(
+        self, vocab: str, ids: list[int], options: RequestOptions | None = None
+    ) -> list[TokenLogprob | None]:
+        """`echo` + `logprobs` of a prompt given as token ids of member `vocab`'s vocabulary: one entry per
+        id the client sent, the ids scored as they are (the first has none)."""
+        if len(ids) < 2:
+            return [None] * len(ids)
+        self._admission()
+        # One forward per member where that is exact; else piece by piece, regrouped into the client's ids.
+        seq_id = self.core.add_echo_ids(vocab, ids, options)
+        if seq_id is not None:
+            return [None, *[lp async for delta in self._follow(seq_id, timed=False) for lp in delta.logprobs]]
+        seq_id = add_scoring_ids(self.core, vocab, ids, options)
+        pieces = [lp async for delta in self._follow(seq_id, timed=False) for lp in delta.logprobs]
+        table = self.core.ctx.table(vocab)
+        return [None, *per_token(pieces, [table.token_bytes(i) for i in ids[1:]])]
+
     async def _follow(self, seq_id: str, *, timed: bool) -> AsyncIterator[Delta]:
         queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         self._queues[seq_id] = queue
@@ -325,7 +342,8 @@ class Coordinator:
     def _record(self, deltas: list[Delta]) -> None:
         stats = self.core.last_stats
         tags = self.metrics.tags
-        self.metrics.steps.inc(stats.sequences, tags=tags)
+        if stats.sequences:  # Ray counters refuse increments of zero (a step that only ran echoes)
+            self.metrics.steps.inc(stats.sequences, tags=tags)
         if stats.fused:
             self.metrics.fused_steps.inc(stats.fused, tags=tags)
         for member, count in stats.draws.items():

@@ -1,4 +1,4 @@
-"""`consort`: serve, generate, eval, models, prepare."""
+"""`consort`: serve, generate, eval, batch, models, prepare."""
 
 from __future__ import annotations
 
@@ -178,6 +178,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_main(args.rest)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from consort.deploy.jobs.batch import main as batch_main
+
+    return batch_main(args.rest)
+
+
 def cmd_route_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -258,14 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate members and strategies on benchmarks", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "batch", help="run an OpenAI batch input file through a pool of ensembles on Ray Data", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_batch)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eval"]:
-        # `eval` has its own parser; argparse's REMAINDER would reject its leading options (--task ...).
-        argv = ["eval", "--", *argv[1:]]
+    if argv[:1] in (["eval"], ["batch"]):
+        # `eval` and `batch` have their own parsers; argparse's REMAINDER would reject their leading options.
+        argv = [argv[0], "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not args.debug:

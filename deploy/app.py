@@ -51,6 +51,7 @@ from consort.deploy.tokenize_api import (
     DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
     TokenizerService,
 )
 from consort.runtime import fusion
@@ -253,6 +254,33 @@ class EnsembleServer:
         """The text of token ids of the model named."""
         return _json(self.tokenizers.detokenize(body))
 
+    @api.get("/tokenizer_info", include_in_schema=False, response_model=TokenizerInfo)
+    async def tokenizer_info(self, model: str | None = None) -> Response:
+        """vLLM's tokenizer description (lm-eval's remote tokenizer reads it); `model` as in /tokenize."""
+        return _json(self.tokenizers.info(model))
+
+    # The same routes scoped to one model id. lm-eval's remote tokenizer calls <base>/tokenize and
+    # <base>/tokenizer_info with no model in the body, <base> being its completions URL without
+    # /v1/completions; under /models/{model}/ those calls speak for that model, so a member with its own
+    # vocabulary can be evaluated with tokenized requests and no tokenizer files on the client.
+    @api.post("/models/{model}/tokenize", include_in_schema=False, response_model=TokenizeResponse)
+    async def model_tokenize(self, model: str, body: TokenizeRequest) -> Response:
+        return _json(await asyncio.to_thread(self.tokenizers.tokenize, body, model))
+
+    @api.post("/models/{model}/detokenize", include_in_schema=False, response_model=DetokenizeResponse)
+    async def model_detokenize(self, model: str, body: DetokenizeRequest) -> Response:
+        return _json(self.tokenizers.detokenize(body, model))
+
+    @api.get("/models/{model}/tokenizer_info", include_in_schema=False, response_model=TokenizerInfo)
+    async def model_tokenizer_info(self, model: str) -> Response:
+        return _json(self.tokenizers.info(scope=model))
+
+    @api.post("/models/{model}/v1/completions", include_in_schema=False, response_model=CompletionResponse)
+    async def model_completions(self, model: str, body: CompletionRequest) -> Response:
+        """/v1/completions for the model of the route (the body's model must be the same one)."""
+        self.tokenizers.model_id(body.model, model)
+        return _answer(await self.service.completions(body))
+
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> Response:
         """This ensemble's OpenAPI document (model ids, strategies, weights and limits included)."""
@@ -267,9 +295,15 @@ class EnsembleServer:
                 vote_kind=self.config.vote.kind,
                 max_tokens_limit=self.config.max_tokens_limit,
                 max_queue=self.config.max_queue,
+                vocab_sizes=self._vocab_sizes(),
             )
         root = request.scope.get("root_path", "").rstrip("/")
         return JSONResponse({**self._document, "servers": [{"url": root or "/"}]})
+
+    def _vocab_sizes(self) -> dict[str, int]:
+        """Each model id's vocabulary size: what its token-id prompts may hold (the ensemble: its main member's)."""
+        sizes = {m.name: len(self.coordinator.tokenizer(m.name)[0]) for m in self.config.members}
+        return {self.config.name: sizes[self.config.main_member], **sizes}
 
     @api.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> HTMLResponse:

@@ -1,4 +1,4 @@
-"""API keys: when CONSORT_API_KEYS is set, every /v1/* request needs `Authorization: Bearer <key>`.
+"""API keys: when CONSORT_API_KEYS is set, every /v1/* (and /models/{model}/v1/*) request needs `Authorization: Bearer <key>`.
 
 A plain ASGI middleware, so it runs before body parsing (an unauthenticated
 request gets 401, not a 400 about its body) and adds nothing to a stream's
@@ -50,15 +50,23 @@ def _route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
+def _protected(path: str) -> bool:
+    """/v1/*, and the same routes scoped to one model id (/models/{model}/v1/*)."""
+    if path.startswith(PROTECTED_PREFIX):
+        return True
+    parts = path.split("/", 3)  # "", "models", "{model}", "v1/..."
+    return len(parts) == 4 and parts[1] == "models" and parts[3].startswith(PROTECTED_PREFIX[1:])
+
+
 class ApiKeyMiddleware:
-    """Rejects /v1/* requests without a valid bearer key when keys are configured."""
+    """Rejects /v1/* (and /models/{model}/v1/*) requests without a valid bearer key when keys are configured."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._keys: tuple[bytes, ...] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _route_path(scope).startswith(PROTECTED_PREFIX):
+        if scope["type"] != "http" or not _protected(_route_path(scope)):
             await self.app(scope, receive, send)
             return
         if self._keys is None:

@@ -215,11 +215,57 @@ def chat_prompt(messages: list[ChatMessageIn], tools: list[dict[str, Any]] | Non
     return Prompt(messages=converted, tools=tools)
 
 
-def completion_prompts(prompt: str | list[str]) -> list[Prompt]:
-    texts = [prompt] if isinstance(prompt, str) else prompt
-    if not texts:
+def prompt_shapes(prompt: str | list[str] | list[int] | list[list[int]]) -> tuple[list[str], list[list[int]]]:
+    """The request's prompts as texts, or as token-id lists (exactly one of the two is not empty)."""
+    if isinstance(prompt, str):
+        return [prompt], []
+    if not prompt:
         raise InvalidRequest("prompt must not be an empty list")
+    if all(isinstance(p, str) for p in prompt):
+        return [p for p in prompt if isinstance(p, str)], []
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return [], [[p for p in prompt if isinstance(p, int)]]
+    if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+        return [], [list(p) for p in prompt if isinstance(p, list)]
+    raise InvalidRequest("prompt is a text, a list of texts, a list of token ids or a list of token-id lists")
+
+
+def vocabulary_of(model: str, config: EnsembleConfig) -> str:
+    """The member whose vocabulary a model id's token ids are in: its own, or the ensemble's main member's."""
+    return config.main_member if model == config.name else model
+
+
+def token_prompts(id_lists: list[list[int]], vocab: str, tokenizer: Any) -> list[Prompt]:
+    """Prompts given as token ids of `vocab`'s tokenizer: checked against its vocabulary, with their text
+    (what /detokenize gives: what members with another vocabulary read, and what echo shows)."""
+    size = len(tokenizer)
+    prompts = []
+    for ids in id_lists:
+        if not ids:
+            raise _param(InvalidRequest("a token-id prompt must not be empty"), "prompt")
+        bad = [t for t in ids if not 0 <= t < size]
+        if bad:
+            raise _param(
+                InvalidRequest(
+                    f"prompt token ids {bad[:5]} are outside the vocabulary of {size} tokens of the model's "
+                    f"tokenizer ({vocab!r}); get ids from POST /tokenize with the same model"
+                ),
+                "prompt",
+            )
+        prompts.append(Prompt(text=str(tokenizer.decode(ids)), token_ids=ids, token_vocab=vocab))
+    return prompts
+
+
+def completion_prompts(prompt: str | list[str]) -> list[Prompt]:
+    texts, id_lists = prompt_shapes(prompt)
+    if id_lists:
+        raise InvalidRequest("token-id prompts need the model's tokenizer (token_prompts)")
     return [Prompt(text=t) for t in texts]
+
+
+def _param(error: InvalidRequest, param: str) -> InvalidRequest:
+    error.param = param  # type: ignore[attr-defined]
+    return error
 
 
 def echo_entries(text: str, entries: list[TokenLogprob | None]) -> list[TokenLogprob]:
@@ -233,6 +279,15 @@ def echo_entries(text: str, entries: list[TokenLogprob | None]) -> list[TokenLog
     head = text[: len(text) - len(rest)] if text.endswith(rest) else ""
     first = [TokenLogprob(head, head.encode(), None, [])] if len(scored) < len(entries) else []  # type: ignore[arg-type]
     return first + scored
+
+
+def token_echo_entries(
+    tokenizer: Any, ids: list[int], entries: list[TokenLogprob | None]
+) -> list[TokenLogprob]:
+    """A token-id prompt's echo entries, one per id: the first, unscored, with its text and a null log-prob."""
+    head = str(tokenizer.decode(ids[:1]))
+    first = TokenLogprob(head, head.encode(), None, [])  # type: ignore[arg-type]
+    return [first, *[e for e in entries[1:] if e is not None]]
 
 
 def completion_logprobs(entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:

@@ -49,6 +49,9 @@ NonNegative = Annotated[float, Field(ge=0.0)]
 Accuracy = Annotated[float, Field(ge=0.0, le=1.0)]
 StopString = Annotated[str, Field(min_length=1)]
 PromptText = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+# A prompt as token ids (vLLM's and OpenAI's shape), in the vocabulary of the model the request names.
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class JsonSchemaFormat(BaseModel):
@@ -288,9 +291,17 @@ class CompletionRequest(EnsembleFields):
     model_config = ConfigDict(json_schema_extra=_best_of_documented)
 
     model: str = Field(description="The ensemble's name, or one member's name to use that member alone.")
-    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] = Field(
-        description="Text to continue (not empty); a list runs several prompts. Its tokens plus max_tokens "
-        "must fit every member's context (400 context_length_exceeded otherwise)."
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(
+        description="Text to continue (not empty), a list of texts (several prompts), token ids (one prompt), "
+        "or a list of token-id lists (several prompts). Token ids are in the vocabulary of the model named "
+        "(a member's own; the ensemble's: its main member's, as /tokenize gives them) and are fed as they "
+        "are, no special token added; members with another vocabulary read their text. Its tokens plus "
+        "max_tokens must fit every member's context (400 context_length_exceeded otherwise)."
     )
     max_tokens: int | None = Field(
         default=16, ge=1, description="Most tokens to generate per choice (at most the ensemble's limit)."
@@ -321,6 +332,18 @@ class CompletionRequest(EnsembleFields):
     best_of: int | None = Field(
         default=None, description="Not supported beyond n: only null or a value equal to n is accepted."
     )
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _whole_token_ids(cls, prompt: Any) -> Any:
+        """JSON Schema's integer is any number without a fraction (2.0 is one); a token id must be an int."""
+
+        def whole(value: Any) -> Any:
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return [whole(v) for v in value] if isinstance(value, list) else value
+
+        return whole(prompt)
 
     @field_validator("best_of")
     @classmethod
@@ -815,11 +838,13 @@ def served_document(
     vote_kind: str,
     max_tokens_limit: int,
     max_queue: int,
+    vocab_sizes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The OpenAPI document of one ensemble: the request schemas narrowed to what its replica accepts.
 
     The static schema cannot know the ensemble: which model ids exist, how many weights it takes,
-    which strategies it runs (and which of them gate), its max_tokens limit. Here they become
+    which strategies it runs (and which of them gate), its max_tokens limit, the vocabularies its token-id
+    prompts are in (`vocab_sizes`: model id to size; the ensemble's is its main member's). Here they become
     JSON Schema, cross-field rules included, so that a request the document admits is one the
     server accepts (short of a prompt too long for a member's context, which only its tokenizer knows).
     """
@@ -842,9 +867,9 @@ def served_document(
         props["n"]["maximum"] = min(props["n"]["maximum"], max_queue)
         samples = _typed(props["vote_samples"], "integer")
         samples["maximum"] = min(samples["maximum"], max_queue)
-        if name == "CompletionRequest":
-            _typed(props["prompt"], "array")["maxItems"] = max_queue
         rules: list[dict[str, Any]] = schema.setdefault("allOf", [])
+        if name == "CompletionRequest":
+            _prompt_limits(props["prompt"], max_queue, vocab_sizes or {})
         # A member's own id is that member alone: no strategy, weights or gate.
         rules.append(
             {
@@ -874,6 +899,22 @@ def served_document(
         _answer_option_rules(rules, props, strategies, default_strategy, len(members))
     return doc
 
+
+def _prompt_limits(prompt: dict[str, Any], max_queue: int, vocab_sizes: dict[str, int]) -> None:
+    """Several prompts (texts or token-id lists) fit the queue; token ids are below the vocabulary size.
+
+    One bound for every model id, the smallest vocabulary's: a per-model bound (if model then prompt's
+    ids below its size) is exact, but schema-driven generators cannot produce cases from an if/then on
+    a field that is itself a choice of shapes (schemathesis refuses the operation). So the document
+    admits no id a model refuses; ids of a larger vocabulary above the bound are served, undocumented.
+    """
+    for branch in prompt["anyOf"]:
+        items = branch.get("items", {})
+        if branch.get("type") == "array" and items.get("type") in ("string", "array"):
+            branch["maxItems"] = max_queue
+        ids = items.get("items", {}) if items.get("type") == "array" else items
+        if vocab_sizes and ids.get("type") == "integer":
+            ids["maximum"] = min(vocab_sizes.values()) - 1
 
 def _given(field: str, kind: str) -> dict[str, Any]:
     return {"required": [field], "properties": {field: {"type": kind}}}

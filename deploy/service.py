@@ -92,7 +92,7 @@ class OpenAIService:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         options = convert.request_options(request, request.model, self.config, request.logprobs)
         options = dataclasses.replace(options, request_id=rid)  # a routed request's decision is kept under it
-        prompts = convert.completion_prompts(request.prompt)
+        prompts = self._prompts(request)
         convert.check_capacity(len(prompts) * request.n, options, self.config)
         constraint = convert.output_constraint(request)
         jobs = [
@@ -131,14 +131,33 @@ class OpenAIService:
             routing=routing_info(finished),
         )
 
+    def _prompts(self, request: CompletionRequest) -> list[Prompt]:
+        """The request's prompts; token ids are checked against, and decoded by, the named model's tokenizer."""
+        texts, id_lists = convert.prompt_shapes(request.prompt)
+        if not id_lists:
+            return [Prompt(text=t) for t in texts]
+        vocab = convert.vocabulary_of(request.model, self.config)
+        tokenizer, _ = self.engine.tokenizer(vocab)
+        return convert.token_prompts(id_lists, vocab, tokenizer)
+
     async def _echo(self, prompts: list[Prompt], options: RequestOptions) -> list[list[TokenLogprob]] | None:
-        """Prompt tokens with their log-probs, when log-probs are asked for with echo (None: text only)."""
+        """Prompt tokens with their log-probs, when log-probs are asked for with echo (None: text only).
+
+        A prompt given as token ids is reported over exactly those ids (lm-eval slices the entries by its
+        own token counts); a text prompt over the main member's tokens of it.
+        """
         if options.logprobs is None:
             return None
-        return [
-            convert.echo_entries(p.text or "", await self.engine.prompt_logprobs(p.text or "", options))
-            for p in prompts
-        ]
+        echoed = []
+        for p in prompts:
+            if p.token_ids is not None and p.token_vocab is not None:
+                entries = await self.engine.prompt_token_logprobs(p.token_vocab, p.token_ids, options)
+                tokenizer, _ = self.engine.tokenizer(p.token_vocab)
+                echoed.append(convert.token_echo_entries(tokenizer, p.token_ids, entries))
+            else:
+                text = p.text or ""
+                echoed.append(convert.echo_entries(text, await self.engine.prompt_logprobs(text, options)))
+        return echoed
 
     async def _stream_completion(
         self,

@@ -36,6 +36,13 @@ class Engine(Protocol):
         """`echo` with `logprobs`: each prompt token with its log-probability (the first has none)."""
         ...
 
+    async def prompt_token_logprobs(
+        self, vocab: str, ids: list[int], options: RequestOptions | None = None
+    ) -> list[TokenLogprob | None]:
+        """`echo` with `logprobs` of a prompt given as token ids of member `vocab`'s vocabulary: one entry
+        per id, the ids scored as they are (the first has none)."""
+        ...
+
     def tokenizer(self, member: str) -> tuple[Any, int]:
         """A member's tokenizer and its context length (the tokenizer routes)."""
         ...

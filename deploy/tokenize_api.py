@@ -1,5 +1,6 @@
-"""vLLM's tokenizer routes: POST /tokenize and /detokenize, per model id (the ensemble's: its main
-member's tokens; a member's: that member's). The bodies follow vLLM's shapes."""
+"""vLLM's tokenizer routes: POST /tokenize and /detokenize, GET /tokenizer_info, per model id (the ensemble's:
+its main member's tokens; a member's: that member's; none given: the ensemble's, as lm-eval's remote
+tokenizer sends none). The bodies follow vLLM's shapes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from consort.deploy import convert
 from consort.deploy.openai_api import ChatMessageIn, ToolDefinition
 from consort.deploy.streams import Engine
 from consort.runtime.config import EnsembleConfig
-from consort.runtime.errors import InvalidRequest
+from consort.runtime.errors import ConflictingOptions, InvalidRequest
 from consort.runtime.tokens import detokenize, tokenize
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -22,7 +23,11 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str = Field(description="The ensemble's id (its main member's tokens) or a member's id.")
+    model: str | None = Field(
+        default=None,
+        description="The ensemble's id (its main member's tokens) or a member's id; absent: the ensemble's "
+        "(under /models/{model}/: that model's).",
+    )
     prompt: str | None = Field(default=None, description="Text to tokenize as is.")
     messages: list[ChatMessageIn] | None = Field(
         default=None, min_length=1, description="A conversation, rendered by the member's chat template."
@@ -59,7 +64,11 @@ class DetokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str = Field(description="The ensemble's id (its main member's tokens) or a member's id.")
+    model: str | None = Field(
+        default=None,
+        description="The ensemble's id (its main member's tokens) or a member's id; absent: the ensemble's "
+        "(under /models/{model}/: that model's).",
+    )
     tokens: list[TokenId] = Field(description="Token ids of that model's tokenizer.")
 
 
@@ -69,6 +78,21 @@ class DetokenizeResponse(BaseModel):
     prompt: str = Field(description="The decoded text.")
 
 
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info: what a remote tokenizer client needs (lm-eval's `tokenizer_backend=remote`)."""
+
+    model: str = Field(description="The model id these tokens are for.")
+    member: str = Field(description="The member whose tokenizer it is (the ensemble's: its main member).")
+    tokenizer_class: str = Field(description="The tokenizer's class name.")
+    vocab_size: int = Field(description="How many token ids the tokenizer has (ids are 0 to vocab_size - 1).")
+    model_max_length: int = Field(description="The model's context length, in its tokens.")
+    bos_token: str | None = Field(default=None, description="The beginning-of-sequence token, if any.")
+    eos_token: str | None = Field(default=None, description="The end-of-sequence token, if any.")
+    pad_token: str | None = Field(default=None, description="The padding token, if any.")
+    unk_token: str | None = Field(default=None, description="The unknown token, if any.")
+    chat_template: str | None = Field(default=None, description="The chat template (Jinja), if any.")
+
+
 class TokenizerService:
     """The tokenizer routes over an engine's members."""
 
@@ -76,12 +100,43 @@ class TokenizerService:
         self.engine = engine
         self.config = config
 
-    def _member(self, model: str) -> str:
-        convert.model_options(model, self.config)  # an unknown id is a 404 naming the known ones
-        return self.config.main_member if model == self.config.name else model
+    def model_id(self, model: str | None, scope: str | None = None) -> str:
+        """The model a request names: its body's, else the route's (/models/{model}/...), else the ensemble.
+        A body that names another model than its route is refused rather than silently answered for one."""
+        if scope is not None and model is not None and model != scope:
+            raise ConflictingOptions(f"the body names model {model!r} under the route of model {scope!r}")
+        chosen = model or scope or self.config.name
+        convert.model_options(chosen, self.config)  # an unknown id is a 404 naming the known ones
+        return chosen
 
-    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
-        tokenizer, max_context = self.engine.tokenizer(self._member(request.model))
+    def _member(self, model: str | None, scope: str | None = None) -> str:
+        return convert.vocabulary_of(self.model_id(model, scope), self.config)
+
+    def info(self, model: str | None = None, scope: str | None = None) -> TokenizerInfo:
+        chosen = self.model_id(model, scope)
+        member = convert.vocabulary_of(chosen, self.config)
+        tokenizer, max_context = self.engine.tokenizer(member)
+
+        def token(name: str) -> str | None:
+            value = getattr(tokenizer, name, None)
+            return value if isinstance(value, str) else None
+
+        template = getattr(tokenizer, "chat_template", None)
+        return TokenizerInfo(
+            model=chosen,
+            member=member,
+            tokenizer_class=type(tokenizer).__name__,
+            vocab_size=len(tokenizer),
+            model_max_length=max_context,
+            bos_token=token("bos_token"),
+            eos_token=token("eos_token"),
+            pad_token=token("pad_token"),
+            unk_token=token("unk_token"),
+            chat_template=template if isinstance(template, str) else None,
+        )
+
+    def tokenize(self, request: TokenizeRequest, scope: str | None = None) -> TokenizeResponse:
+        tokenizer, max_context = self.engine.tokenizer(self._member(request.model, scope))
         if request.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
             prompt = convert.chat_prompt(request.messages, tools)
@@ -103,6 +158,6 @@ class TokenizerService:
             token_strs=out.token_strs,
         )
 
-    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
-        tokenizer, _ = self.engine.tokenizer(self._member(request.model))
+    def detokenize(self, request: DetokenizeRequest, scope: str | None = None) -> DetokenizeResponse:
+        tokenizer, _ = self.engine.tokenizer(self._member(request.model, scope))
         return DetokenizeResponse(prompt=detokenize(tokenizer, request.tokens))

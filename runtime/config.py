@@ -171,6 +171,51 @@ class ServingConfig(BaseModel):
     route_prefix: str = Field(default="/", description="HTTP route prefix of the OpenAI app.")
 
 
+class BatchConfig(BaseModel):
+    """`consort batch`: the pool of ensemble replicas that Ray Data runs a batch file through."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        description=(
+            "Ensemble replicas in the pool, each a coordinator and its members in one placement group "
+            "(`placement` places one replica's members); Ray spreads the replicas over the cluster's nodes."
+        ),
+    )
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Requests Ray Data hands one replica at a time (rows of one map_batches call).",
+    )
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Requests one replica runs at once (default: max_batch); its coordinator steps them together, "
+            "more would only wait in its queue."
+        ),
+    )
+    replica_cpus: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="CPUs reserved for each replica's own process (the coordinator); members reserve theirs.",
+    )
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each replica's process needs, e.g. to keep replicas on a node pool.",
+    )
+    retry_s: float = Field(
+        default=300.0,
+        ge=0.0,
+        description=(
+            "How long a request refused for now (429: the queue is full; 503: a member is restarting) is "
+            "tried again before it is written as that error."
+        ),
+    )
+
+
 class EnsembleConfig(BaseModel):
     """An ensemble: its members, how their distributions are combined, and how it is placed."""
 
@@ -214,6 +259,9 @@ class EnsembleConfig(BaseModel):
         ),
     )
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Ray Serve settings.")
+    batch: BatchConfig = Field(
+        default_factory=BatchConfig, description="Batch inference on Ray Data (`consort batch`)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> EnsembleConfig:

@@ -244,7 +244,7 @@ class EnsembleCore:
             )
         gate = self.resolve_gate(strategy, options)
         weights = self.resolve_weights(options.weights)
-        ids = {name: prompt_ids(self.members[name].tokenizer, prompt) for name in self.ctx.names}
+        ids = {name: self.member_prompt_ids(name, prompt) for name in self.ctx.names}
         for name, member_ids in ids.items():
             limit = self.ctx.max_context[name]
             if len(member_ids) + params.max_tokens > limit:
@@ -293,12 +293,25 @@ class EnsembleCore:
     def room(self, prompt: Prompt) -> int:
         """Tokens every member's context leaves after `prompt`, capped by the ensemble's max_tokens limit."""
         room = min(
-            self.ctx.max_context[name] - len(prompt_ids(self.members[name].tokenizer, prompt))
+            self.ctx.max_context[name] - len(self.member_prompt_ids(name, prompt))
             for name in self.ctx.names
         )
         if room < 1:
             raise PromptTooLong(f"the conversation fills the context ({room} tokens left); shorten it")
         return min(room, self.config.max_tokens_limit)
+
+    def _same_vocab(self, a: str, b: str) -> bool:
+        return self.ctx.table(a).fingerprint == self.ctx.table(b).fingerprint
+
+    def member_prompt_ids(self, name: str, prompt: Prompt) -> list[int]:
+        """This member's prompt tokens; a prompt given as token ids keeps them exactly (as vLLM feeds
+        them) for every member with their vocabulary, the others tokenize the ids' text."""
+        if prompt.token_ids is not None and prompt.token_vocab is not None:
+            if prompt.token_vocab not in self.members:
+                raise InvalidRequest(f"token ids of an unknown member {prompt.token_vocab!r}")
+            if self._same_vocab(name, prompt.token_vocab):
+                return list(prompt.token_ids)
+        return prompt_ids(self.members[name].tokenizer, prompt)
 
     @property
     def has_work(self) -> bool:
@@ -380,6 +393,87 @@ class EnsembleCore:
         )
         self.echoes.append(state)
         return state.seq_id
+
+    def add_echo_ids(self, vocab: str, ids: list[int], options: RequestOptions | None = None) -> str | None:
+        """`add_echo` of a prompt given as token ids of member `vocab`'s vocabulary: the log-prob of each id
+        after those before it, one entry per id the client sent (ids[1:]; ids[0] is the context).
+
+        Every active member with that vocabulary scores the ids as they are (canonical or not, as vLLM
+        feeds them); one with another vocabulary scores its own tokens of the same bytes, at the text
+        level, the text cut at the client's token ends too, so each id's entry is exact. None: this
+        strategy scores piece by piece (`scoring.add_scoring_ids`).
+        """
+        if len(ids) < 2:
+            raise InvalidRequest("echo log-probs of a token-id prompt need at least two ids")
+        options = options or RequestOptions()
+        strategy = self.strategy(options.strategy or self.default_strategy)
+        scored_as = strategy.scoring_strategy()
+        weights = self.resolve_weights(options.weights)
+        active = {n: w for n, w in weights.items() if w > 0}
+        owners = [n for n in active if self._same_vocab(n, vocab)]
+        if not owners:
+            raise InvalidRequest(
+                f"the prompt's token ids are in member {vocab!r}'s vocabulary, which no member with a positive "
+                "weight has: give it a weight, or send the prompt as text"
+            )
+        total = sum(active.values())
+        state = EchoState(
+            seq_id=self.new_id("echo"),
+            members={n: w / total for n, w in active.items()},
+            context_ids=list(ids[:1]),
+            continuation_ids=list(ids[1:]),
+            table=self.ctx.table(vocab),
+            top_n=max(options.logprobs or 0, 1),
+        )
+        exact = len(active) == 1 or (scored_as == "mean" and len(owners) == len(active))
+        text_level = (
+            not exact
+            and scored_as is not None
+            and fusion.strategy_class(scored_as).scores_text
+            and self.resolve_gate(self.strategy(scored_as), options) is None
+        )
+        if not exact and not text_level:
+            return None
+        if text_level:
+            self._plan_token_echo(state, vocab, owners)
+        for name in active:
+            context_ids, continuation_ids = state.member_ids.get(
+                name, (state.context_ids, state.continuation_ids)
+            )
+            if len(context_ids) + len(continuation_ids) > self.ctx.max_context[name]:
+                raise PromptTooLong(
+                    f"the prompt is over member {name!r}'s context of {self.ctx.max_context[name]} tokens; shorten it"
+                )
+        self.echoes.append(state)
+        return state.seq_id
+
+    def _plan_token_echo(self, state: EchoState, vocab: str, owners: list[str]) -> None:
+        """The text-level plan of a token-id echo: the owners' tokens end where the client's ids end."""
+        table = self.ctx.table(vocab)
+        pieces = [table.token_bytes(i) for i in state.continuation_ids]
+        if not all(pieces):
+            raise InvalidRequest(
+                "a special token after the first prompt id has no text that members with another vocabulary "
+                "could score: send it as the first id only, or score with one member"
+            )
+        continuation = b"".join(pieces)
+        client_ends = tuple(itertools.accumulate(len(p) for p in pieces))
+        head = Prompt(text=str(self.members[vocab].tokenizer.decode(state.context_ids)))
+        ends: dict[str, tuple[int, ...]] = {}
+        for name in state.members:
+            if name in owners:
+                ends[name] = client_ends
+                state.member_ids[name] = (state.context_ids, state.continuation_ids)
+                continue
+            own, own_ends = self.ctx.table(name).encode_spans(continuation)
+            if not own_ends or own_ends[-1] != len(continuation):
+                raise InvalidRequest(
+                    f"member {name!r} cannot spell the prompt's text; score it with one member"
+                )
+            ends[name] = tuple(own_ends)
+            state.member_ids[name] = (prompt_ids(self.members[name].tokenizer, head), own)
+        state.plan = TextPlan(continuation, tuple(sorted({e for e_s in ends.values() for e in e_s})), ends)
+        state.lead = vocab if vocab in owners else owners[0]
 
     # -- leaving -------------------------------------------------------------------------------
     def _drop(self, seq_ids: set[str]) -> None:

@@ -38,12 +38,25 @@ class Prompt(BaseModel):
         description="OpenAI tool definitions the conversation may call; rendered by each member's template, "
         "or by the fallback of runtime/constraints/tools.py where its template has no tool format.",
     )
+    token_ids: list[int] | None = Field(
+        default=None,
+        description="A prompt given as token ids (of `token_vocab`'s vocabulary): fed as they are, no special "
+        "token added, to that member and to every member with the same vocabulary; `text` is their decoding, "
+        "which the members with another vocabulary tokenize as a text prompt.",
+    )
+    token_vocab: str | None = Field(
+        default=None, description="With token_ids: the member whose vocabulary the ids are in."
+    )
 
     def model_post_init(self, _context: Any) -> None:
         if (self.text is None) == (self.messages is None):
             raise InvalidRequest("a prompt is either text or messages, exactly one of them")
         if self.messages is not None and not self.messages:
             raise InvalidRequest("messages must not be empty")
+        if (self.token_ids is None) != (self.token_vocab is None) or (
+            self.token_ids is not None and (self.text is None or not self.token_ids)
+        ):
+            raise InvalidRequest("token_ids (not empty) come with their text and token_vocab")
 
 
 def _fallback_chat(messages: list[ChatMessage]) -> str:

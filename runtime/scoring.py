@@ -9,6 +9,8 @@ under the request's strategy. Serving uses it for echo log-probs; the evaluation
 
 from __future__ import annotations
 
+import itertools
+
 from consort.runtime import fusion
 from consort.runtime.core import EnsembleCore
 from consort.runtime.errors import InvalidRequest
@@ -79,4 +81,67 @@ def per_main_token(core: EnsembleCore, continuation: str, pieces: list[TokenLogp
                 end = next(want, None)
     if group:
         raise ValueError("scored pieces run past the main member's tokens of the text")
+    return merged
+
+
+def add_scoring_ids(
+    core: EnsembleCore, vocab: str, ids: list[int], options: RequestOptions | None = None
+) -> str:
+    """`add_scoring` of a prompt given as token ids of the main member's vocabulary (`vocab`): ids[1:] after
+    ids[0], for the strategies that score piece by piece (`EnsembleCore.add_echo_ids` returned None).
+
+    Token-level strategies take the client's ids themselves as the forced pieces, one entry each;
+    text-level ones cut the text wherever any member's tokens end, and `per_token` regroups the pieces
+    into the client's ids.
+    """
+    main = core.ctx.main
+    if core.ctx.table(vocab).fingerprint != core.ctx.table(main).fingerprint:
+        raise InvalidRequest(
+            f"token ids for this strategy's echo must be in the main member {main!r}'s vocabulary"
+        )
+    table = core.ctx.table(main)
+    data = [table.token_bytes(i) for i in ids[1:]]
+    if not all(data):
+        raise InvalidRequest("a special token after the first prompt id cannot be scored by this strategy")
+    head = str(core.members[vocab].tokenizer.decode(ids[:1]))
+    context = Prompt(text=head, token_ids=ids[:1], token_vocab=vocab)
+    options = options or RequestOptions()
+    name = options.strategy or core.default_strategy
+    scored_as = fusion.strategy_class(name).scoring_strategy()
+    if scored_as is None or fusion.strategy_class(scored_as).scores_text:
+        return add_scoring(core, context, b"".join(data).decode("utf-8", errors="replace"), options)
+    scoring_options = RequestOptions(
+        strategy=scored_as, weights=options.weights, gate=options.gate, logprobs=max(options.logprobs or 0, 1)
+    )
+    pieces = [Candidate(piece, main, i) for piece, i in zip(data, ids[1:], strict=True)]
+    params = SamplingParams(temperature=0.0, max_tokens=len(pieces), ignore_eos=True)
+    return core.add(context, params, scoring_options, forced=pieces)
+
+
+def per_token(pieces: list[TokenLogprob], token_bytes: list[bytes]) -> list[TokenLogprob]:
+    """Scored pieces regrouped into the given tokens (a client's ids): each token's log-prob is the sum over
+    its pieces. A token that ends inside a piece cannot be scored apart: a 400 that says what to do."""
+    ends = list(itertools.accumulate(len(b) for b in token_bytes))
+    merged: list[TokenLogprob] = []
+    group: list[TokenLogprob] = []
+    position = 0
+    for entry in pieces:
+        group.append(entry)
+        position += len(entry.data)
+        if len(merged) < len(ends) and position == ends[len(merged)]:
+            data = b"".join(e.data for e in group)
+            merged.append(
+                TokenLogprob(
+                    token=data.decode("utf-8", errors="backslashreplace"),
+                    data=data,
+                    logprob=sum(e.logprob for e in group),
+                    top=group[0].top,
+                )
+            )
+            group = []
+    if group or len(merged) != len(ends):
+        raise InvalidRequest(
+            "the prompt's token ids end inside a piece this strategy scores: send the main member's own "
+            "tokens of the text (POST /tokenize), or the prompt as text"
+        )
     return merged

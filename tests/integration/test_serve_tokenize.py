@@ -27,3 +27,30 @@ def test_tokenize_detokenize_round_trip_and_usage(openai_app: str) -> None:
     client = openai.OpenAI(base_url=f"{openai_app}/v1", api_key="unused", max_retries=0, timeout=120)
     reply = client.chat.completions.create(model="consort", messages=chat, max_tokens=2)  # type: ignore[arg-type]
     assert reply.usage is not None and reply.usage.prompt_tokens == counted
+
+
+def test_token_id_prompts_with_the_official_client(openai_app: str) -> None:
+    """Prompts as token ids (one list, or a list of lists) in the named model's vocabulary; bad ids are 400s."""
+    client = openai.OpenAI(base_url=f"{openai_app}/v1", api_key="unused", max_retries=0, timeout=120)
+    with httpx.Client(base_url=openai_app, timeout=120) as http:
+        ids = {
+            model: http.post(
+                "/tokenize", json={"model": model, "prompt": "Hello there", "add_special_tokens": False}
+            ).json()["tokens"]
+            for model in ("consort", "gemma3")
+        }
+        for model, prompt in (("consort", ids["consort"]), ("gemma3", [ids["gemma3"], ids["gemma3"][:1]])):
+            reply = client.completions.create(
+                model=model, prompt=prompt, max_tokens=2, temperature=0, echo=True
+            )
+            assert [c.index for c in reply.choices] == list(range(len(reply.choices)))
+            assert reply.choices[0].text.startswith("Hello there")
+            assert reply.usage is not None and reply.usage.completion_tokens > 0
+        for bad in ([49152], [], ["Hello", 1], [[1], []]):
+            answer = http.post("/v1/completions", json={"model": "consort", "prompt": bad, "max_tokens": 1})
+            assert answer.status_code == 400, (bad, answer.text)
+            error = answer.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["param"].startswith("prompt"), error
+        # gemma3's ids go further than the ensemble's (its main member's vocabulary is SmolLM2's).
+        big = {"model": "gemma3", "prompt": [262000], "max_tokens": 1}
+        assert http.post("/v1/completions", json=big).status_code == 200

@@ -531,19 +531,41 @@ def test_head_runs_no_model() -> None:
             assert cluster_spec(doc)["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", source
 
 
-def test_rayjob_writes_results_to_its_volume() -> None:
-    (job,) = [d for d in all_file_docs() if d["kind"] == "RayJob"]
+def rayjobs_of(module: str) -> list[Doc]:
+    """The RayJobs whose entrypoint runs `python -m <module>`."""
+    return [
+        d
+        for d in all_file_docs()
+        if d["kind"] == "RayJob" and shlex.split(d["spec"]["entrypoint"])[:3] == ["python", "-m", module]
+    ]
+
+
+EVAL_JOB, BATCH_JOB = "consort.deploy.jobs.eval", "consort.deploy.jobs.batch"
+
+
+def test_every_rayjob_runs_a_known_job() -> None:
+    jobs = [d for d in all_file_docs() if d["kind"] == "RayJob"]
+    assert len(rayjobs_of(EVAL_JOB)) == 1 and len(rayjobs_of(BATCH_JOB)) == 1
+    assert len(jobs) == 2, [name_of(d) for d in jobs]
+
+
+@pytest.mark.parametrize(("module", "flags"), [(EVAL_JOB, ("--out",)), (BATCH_JOB, ("--input", "--output"))])
+def test_rayjob_writes_results_to_its_volume(module: str, flags: tuple[str, ...]) -> None:
+    (job,) = rayjobs_of(module)
     assert job["spec"]["shutdownAfterJobFinishes"] is True
-    out = shlex.split(job["spec"]["entrypoint"])
-    out_dir = out[out.index("--out") + 1]
+    argv = shlex.split(job["spec"]["entrypoint"])
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
     claims = {v["name"] for v in head["volumes"] if "persistentVolumeClaim" in v}
-    # The driver runs on the head, so the output folder must be under a PVC mounted there.
-    on_claim = [
-        path for path, name in mounts.items() if name in claims and out_dir.startswith(path.rstrip("/") + "/")
-    ]
-    assert on_claim, f"--out {out_dir} is not under a PVC mounted on the head ({mounts})"
+    for flag in flags:
+        path = argv[argv.index(flag) + 1]
+        # The driver runs on the head, so what it reads and writes must be under a PVC mounted there.
+        on_claim = [
+            mount
+            for mount, name in mounts.items()
+            if name in claims and path.startswith(mount.rstrip("/") + "/")
+        ]
+        assert on_claim, f"{flag} {path} is not under a PVC mounted on the head ({mounts})"
 
 
 def test_rayjob_task_exists() -> None:
@@ -551,21 +573,21 @@ def test_rayjob_task_exists() -> None:
     registry = pytest.importorskip(
         "consort.runtime.evaluation.registry", reason="runtime/evaluation/registry.py not written yet"
     )
-    for doc in (d for d in all_file_docs() if d["kind"] == "RayJob"):
+    for doc in rayjobs_of(EVAL_JOB):
         argv = shlex.split(doc["spec"]["entrypoint"])
         task = argv[argv.index("--task") + 1]
         assert task in registry.TASKS, f"unknown task {task!r}; known: {sorted(registry.TASKS)}"
 
 
-def test_eval_entrypoint_flags_exist() -> None:
-    """The RayJob's flags are ones consort.deploy.jobs.eval accepts (skipped until it exists)."""
-    if importlib.util.find_spec("consort.deploy.jobs.eval") is None:
-        pytest.skip("deploy/jobs/eval.py does not exist yet")
-    (job,) = [d for d in all_file_docs() if d["kind"] == "RayJob"]
+@pytest.mark.parametrize("module", [EVAL_JOB, BATCH_JOB])
+def test_job_entrypoint_flags_exist(module: str) -> None:
+    """A RayJob's flags are ones its job module accepts (skipped until it exists)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} does not exist yet")
+    (job,) = rayjobs_of(module)
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "consort.deploy.jobs.eval"], argv
     result = subprocess.run(
-        [sys.executable, "-m", "consort.deploy.jobs.eval", "--help"],
+        [sys.executable, "-m", module, "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -574,7 +596,7 @@ def test_eval_entrypoint_flags_exist() -> None:
     )
     assert result.returncode == 0, result.stderr
     for flag in (a for a in argv if a.startswith("--")):
-        assert flag in result.stdout, f"consort.deploy.jobs.eval has no {flag}"
+        assert flag in result.stdout, f"{module} has no {flag}"
 
 
 # --------------------------------------------------------------------------- monitoring

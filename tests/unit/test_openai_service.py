@@ -275,7 +275,13 @@ def test_a_405_carries_allow() -> None:
 @pytest.mark.parametrize(
     ("route", "body", "param", "code", "fragment"),
     [
-        ("completions", {"frequency_penalty": 0.5}, "frequency_penalty", "unsupported_parameter", "not supported"),
+        (
+            "completions",
+            {"frequency_penalty": 0.5},
+            "frequency_penalty",
+            "unsupported_parameter",
+            "not supported",
+        ),
         ("completions", {"best_of": 2}, "best_of", "unsupported_parameter", "only equal to n"),
         ("completions", {"prompt": ""}, "prompt", None, "at least 1 character"),
         ("completions", {"seed": True}, "seed", None, "valid integer"),
@@ -367,6 +373,16 @@ AGREEMENT: list[tuple[str, dict[str, Any], bool]] = [
     ("CompletionRequest", {**COMPLETION, "vote_choices": 27}, False),
     ("CompletionRequest", {**COMPLETION, "logprobs": 21}, False),
     ("CompletionRequest", {**COMPLETION, "echo": 1}, False),
+    ("CompletionRequest", {**COMPLETION, "prompt": [1, 2, 3]}, True),
+    ("CompletionRequest", {**COMPLETION, "prompt": [[1, 2], [3]]}, True),
+    ("CompletionRequest", {**COMPLETION, "prompt": [1.0, 2]}, True),  # JSON Schema's integers
+    ("CompletionRequest", {**COMPLETION, "prompt": [[]]}, False),
+    ("CompletionRequest", {**COMPLETION, "prompt": [-1]}, False),
+    ("CompletionRequest", {**COMPLETION, "prompt": [1.5]}, False),
+    ("CompletionRequest", {**COMPLETION, "prompt": [True]}, False),
+    ("CompletionRequest", {**COMPLETION, "prompt": ["a", 1]}, False),
+    ("CompletionRequest", {**COMPLETION, "prompt": [[1], "a"]}, False),
+    ("CompletionRequest", {**COMPLETION, "prompt": [[1], 2]}, False),
     ("ChatCompletionRequest", CHAT, True),
     ("ChatCompletionRequest", {**CHAT, "messages": []}, False),
     ("ChatCompletionRequest", {**CHAT, "top_logprobs": 2}, False),
@@ -412,6 +428,7 @@ def _served(**overrides: Any) -> dict[str, Any]:
         "vote_kind": "free",
         "max_tokens_limit": 128,
         "max_queue": 8,
+        "vocab_sizes": {"consort": 49152, "smollm2": 49152, "gemma3": 262144},
         **overrides,
     }
     return served_document(_document(), **settings)
@@ -441,6 +458,13 @@ def _served(**overrides: Any) -> dict[str, Any]:
         ({**COMPLETION, "strategy": "mean", "vote_kind": "choice"}, True),
         ({**CHAT, "max_completion_tokens": 129}, False),
         ({**CHAT, "model": "gemma3", "weights": None}, True),
+        ({**COMPLETION, "prompt": [49151]}, True),
+        ({**COMPLETION, "prompt": [49152]}, False),  # the ensemble's ids are its main member's
+        ({**COMPLETION, "model": "smollm2", "prompt": [[1], [49152]]}, False),
+        # One bound for all, the smallest vocabulary's (no per-model if/then: see _prompt_limits).
+        ({**COMPLETION, "model": "gemma3", "prompt": [[1], [49151]]}, True),
+        ({**COMPLETION, "model": "gemma3", "prompt": [262143]}, False),
+        ({**COMPLETION, "prompt": [[1]] * 9}, False),
     ],
 )
 def test_the_served_document_says_what_this_ensemble_accepts(body: dict[str, Any], valid: bool) -> None:
@@ -456,3 +480,209 @@ def test_the_served_document_follows_the_default_strategy() -> None:
     assert not _admits(voting, "CompletionRequest", COMPLETION)
     assert _admits(voting, "CompletionRequest", {**COMPLETION, "vote_choices": 4})
     assert _admits(voting, "CompletionRequest", {**COMPLETION, "vote_kind": "number"})
+
+
+# -- prompts given as token ids ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prompt", "texts", "ids"),
+    [
+        ("a", ["a"], []),
+        (["a", "b"], ["a", "b"], []),
+        ([5, 6], [], [[5, 6]]),
+        ([[5], [6, 7]], [], [[5], [6, 7]]),
+    ],
+)
+def test_prompt_shapes(prompt: Any, texts: list[str], ids: list[list[int]]) -> None:
+    assert convert.prompt_shapes(prompt) == (texts, ids)
+    assert CompletionRequest(model="consort", prompt=prompt).prompt == prompt
+
+
+def test_prompt_shapes_refuse_what_validation_would() -> None:
+    for bad in ([], ["a", 1], [[1], []]):
+        with pytest.raises(InvalidRequest):
+            convert.prompt_shapes(bad)  # type: ignore[arg-type]
+
+
+def test_token_prompts_are_checked_against_the_named_vocabulary(tokenizers) -> None:
+    smol = tokenizers["smollm2-135m-instruct"]
+    ids = smol("The capital of France is", add_special_tokens=False)["input_ids"]
+    (prompt,) = convert.token_prompts([ids], "smollm2", smol)
+    assert (prompt.text, prompt.token_ids, prompt.token_vocab) == ("The capital of France is", ids, "smollm2")
+    assert (
+        convert.vocabulary_of("consort", CONFIG) == "smollm2"
+        and convert.vocabulary_of("gemma3", CONFIG) == "gemma3"
+    )
+    with pytest.raises(InvalidRequest, match="outside the vocabulary of 49152") as caught:
+        convert.token_prompts([[1], [2, 49152]], "smollm2", smol)
+    assert errors.error_body(caught.value).error.param == "prompt"
+    entries = convert.token_echo_entries(
+        smol, ids, [None, *[TokenLogprob("x", b"x", -1.0, [])] * (len(ids) - 1)]
+    )
+    assert entries[0].token == "The" and entries[0].logprob is None and len(entries) == len(ids)
+
+
+class LoopEngine:
+    """The Engine protocol over an in-process core (EnsembleLoop): one driver steps it for every caller."""
+
+    def __init__(self, loop: Any) -> None:
+        self.core = loop.core
+        self.queues: dict[str, asyncio.Queue[Delta]] = {}
+        self.lock = asyncio.Lock()
+
+    async def _follow(self, seq_id: str) -> AsyncIterator[Delta]:
+        queue = self.queues.setdefault(seq_id, asyncio.Queue())
+        while True:
+            if queue.empty():
+                async with self.lock:
+                    if queue.empty():
+                        for delta in await self.core.step():
+                            self.queues.setdefault(delta.seq_id, asyncio.Queue()).put_nowait(delta)
+                continue
+            delta = queue.get_nowait()
+            if delta.error is not None:
+                raise delta.error
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams, options: RequestOptions | None = None
+    ) -> AsyncIterator[Delta]:
+        async for delta in self._follow(self.core.add(prompt, params, options)):
+            yield delta
+
+    def room(self, prompt: Prompt) -> int:
+        return int(self.core.room(prompt))
+
+    async def prompt_logprobs(self, prompt_text: str, options: RequestOptions | None = None) -> list:
+        ids = self.core.members[self.core.ctx.main].tokenizer(prompt_text, add_special_tokens=False)[
+            "input_ids"
+        ]
+        head = self.core.members[self.core.ctx.main].tokenizer.decode(ids[:1])
+        seq_id = self.core.add_echo(head, prompt_text[len(head) :], options)
+        return [None, *[lp async for delta in self._follow(seq_id) for lp in delta.logprobs]]
+
+    async def prompt_token_logprobs(
+        self, vocab: str, ids: list[int], options: RequestOptions | None = None
+    ) -> list:
+        from consort.runtime.scoring import add_scoring_ids, per_token
+
+        seq_id = self.core.add_echo_ids(vocab, ids, options)
+        if seq_id is not None:
+            return [None, *[lp async for delta in self._follow(seq_id) for lp in delta.logprobs]]
+        pieces = [
+            lp
+            async for delta in self._follow(add_scoring_ids(self.core, vocab, ids, options))
+            for lp in delta.logprobs
+        ]
+        table = self.core.ctx.table(vocab)
+        return [None, *per_token(pieces, [table.token_bytes(i) for i in ids[1:]])]
+
+    def tokenizer(self, member: str) -> tuple[Any, int]:
+        return self.core.members[member].tokenizer, self.core.ctx.max_context[member]
+
+
+SMOL, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
+
+
+@pytest.fixture(scope="module")
+def token_service(tiny_models) -> Any:
+    from consort.deploy.service import OpenAIService
+    from tests.unit.conftest import make_loop
+
+    loop = make_loop(
+        tiny_models, [("smollm2", SMOL), ("gemma3", GEMMA)], name="consort", strategy="mean", main="smollm2"
+    )
+    return OpenAIService(LoopEngine(loop), loop.config)  # type: ignore[arg-type]
+
+
+def _direct_logprobs(tiny_models: dict[str, Any], alias: str, ids: list[int]) -> list[float]:
+    """Each id's log-prob after the ones before it, straight from the member's model (no Consort code)."""
+    import torch
+
+    model, _ = tiny_models[alias]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    return [float(logits[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+
+def _echo_body(model: str, prompt: Any, **extra: Any) -> CompletionRequest:
+    return CompletionRequest(
+        model=model, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0, **extra
+    )
+
+
+@pytest.mark.parametrize(("model", "alias"), [("smollm2", SMOL), ("gemma3", GEMMA), ("consort", SMOL)])
+async def test_a_member_alone_scores_the_exact_ids_even_when_not_canonical(
+    token_service: Any, tiny_models: dict[str, Any], model: str, alias: str
+) -> None:
+    """A member alone is fed the ids as sent (no BOS added, a word split its own way), as vLLM does; the
+    echo has one entry per id, each the member's own log-prob of it. (The ensemble's own ids are its main
+    member's: scored alone by weight, they are the same.)"""
+    tokenizer = tiny_models[alias][1]
+    canonical = tokenizer("Unbelievable results", add_special_tokens=False)["input_ids"]
+    split = [tokenizer.convert_tokens_to_ids(t) for t in ("U", "n")] + canonical[1:]
+    assert tokenizer.decode(split) == tokenizer.decode(canonical) and split != canonical
+    for ids in (canonical, split):
+        extra = {"weights": [1.0, 0.0]} if model == "consort" else {}
+        reply = await token_service.completions(_echo_body(model, ids, **extra))
+        (choice,) = reply.choices
+        assert choice.text.startswith("Unbelievable results")
+        logprobs = choice.logprobs.token_logprobs
+        assert len(logprobs) == len(ids) + 1 and logprobs[0] is None
+        assert logprobs[1 : len(ids)] == pytest.approx(_direct_logprobs(tiny_models, alias, ids), abs=1e-4)
+
+
+async def test_the_ensemble_reports_one_entry_per_client_id(
+    token_service: Any, tiny_models: dict[str, Any]
+) -> None:
+    """mean over two vocabularies: the ids are the main member's; a non-canonical split still gets one
+    entry per id, and canonical ids give what the same prompt as text gives."""
+    smol = tiny_models[SMOL][1]
+    text = "The capital of France is Paris"
+    ids = smol(text, add_special_tokens=False)["input_ids"]
+    by_ids = (await token_service.completions(_echo_body("consort", ids))).choices[0].logprobs
+    by_text = (await token_service.completions(_echo_body("consort", text))).choices[0].logprobs
+    assert by_ids.tokens[: len(ids)] == by_text.tokens[: len(ids)]
+    assert by_ids.token_logprobs[1 : len(ids)] == pytest.approx(
+        by_text.token_logprobs[1 : len(ids)], abs=1e-4
+    )
+    split = ids[:-1] + [smol.convert_tokens_to_ids(t) for t in ("ĠPar", "is")]
+    assert smol.decode(split) == text
+    entries = (await token_service.completions(_echo_body("consort", split))).choices[0].logprobs
+    assert len(entries.token_logprobs) == len(split) + 1
+    assert all(lp is not None and lp <= 0 for lp in entries.token_logprobs[1:])
+
+
+async def test_several_token_prompts_are_choices_in_order(
+    token_service: Any, tiny_models: dict[str, Any]
+) -> None:
+    gemma = tiny_models[GEMMA][1]
+    prompts = [gemma(t, add_special_tokens=False)["input_ids"] for t in ("Hello", "Good morning")]
+    reply = await token_service.completions(
+        CompletionRequest(model="gemma3", prompt=prompts, n=2, max_tokens=2, temperature=0, echo=True)
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [
+        c.text[: len(t)]
+        for c, t in zip(reply.choices, ["Hello", "Hello", "Good morning", "Good morning"], strict=True)
+    ] == [
+        "Hello",
+        "Hello",
+        "Good morning",
+        "Good morning",
+    ]
+    with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+        await token_service.completions(CompletionRequest(model="consort", prompt=[49152]))
+
+
+async def test_deepen_scores_the_client_ids_piece_by_piece(
+    token_service: Any, tiny_models: dict[str, Any]
+) -> None:
+    """A strategy without a one-round echo of token ids takes them as its forced pieces: one entry per id."""
+    ids = tiny_models[SMOL][1]("Unbelievable results", add_special_tokens=False)["input_ids"]
+    reply = await token_service.completions(_echo_body("consort", ids, strategy="deepen"))
+    logprobs = reply.choices[0].logprobs.token_logprobs
+    assert len(logprobs) == len(ids) + 1 and all(lp is not None and lp <= 0 for lp in logprobs[1:])
