@@ -116,7 +116,12 @@ class Coordinator:
         deepen, anchors = self.config.deepen, self.core.ctx.anchors
         assert anchors is not None
         self._get(
-            [self.actors[n].set_anchors.remote(anchors[n], deepen.temperature, deepen.relative_top_k) for n in names],
+            [
+                self.actors[n].set_anchors.remote(
+                    anchors[n], deepen.temperature, deepen.relative_top_k, n == self.core.ctx.main
+                )
+                for n in names
+            ],
             600.0,
         )
 
@@ -127,7 +132,9 @@ class Coordinator:
         deadline = time.monotonic() + deadline_s
         for name in sorted(self.executor.lost):
             while True:
-                ref = self.actors[name].set_anchors.remote(anchors[name], deepen.temperature, deepen.relative_top_k)
+                ref = self.actors[name].set_anchors.remote(
+                    anchors[name], deepen.temperature, deepen.relative_top_k, name == self.core.ctx.main
+                )
                 try:
                     await asyncio.wait_for(ref, timeout=max(1.0, deadline - time.monotonic()))
                     break

@@ -83,9 +83,11 @@ class MemberActor:
     def describe(self) -> MemberInfo:
         return member_info(self.worker)
 
-    def set_anchors(self, anchor_ids: Sequence[int], temperature: float, relative_top_k: int) -> int:
+    def set_anchors(
+        self, anchor_ids: Sequence[int], temperature: float, relative_top_k: int, main: bool = False
+    ) -> int:
         with self._lock:
-            return self.worker.set_anchors(anchor_ids, temperature, relative_top_k)
+            return self.worker.set_anchors(anchor_ids, temperature, relative_top_k, main)
 
     def call(self, call: MemberCall | None) -> MemberAnswer:
         """Free, step, invert (in that order), as the call asks; None: nothing this round (a graph

@@ -1,6 +1,6 @@
 """Echo (prompt log-probs) in one forward per member against one prefill, and against piece by piece.
 
-    python -m bench.echo [--tokens 100] [--repeats 3]
+    python -m bench.echo [--repeats 3] [--only deepen]
 
 In process, real packaged models (fp32, 1 thread each, as the member actors run on CPU).
 For each case: the seconds to score a prompt of about `--tokens` tokens, and the ratio to
@@ -87,10 +87,42 @@ def echo_seconds(loop: EnsembleLoop, text: str, options: RequestOptions, repeats
     return _time(once, repeats)
 
 
+def round_breakdown(loop: EnsembleLoop, text: str, options: RequestOptions) -> dict[str, float]:
+    """Seconds each member spends in an echo's round, and the main member's inverse searches apart:
+    on member actors the members run at once, so the round takes about the slowest member's
+    forwards plus the searches (which wait for the others' results)."""
+    core = loop.core
+    head, rest = _split(core, text)
+    seconds: dict[str, float] = {}
+    wrapped = {}
+    for name, worker in loop.workers.items():
+        for method in ("step", "finish_inverts"):
+            original = getattr(worker, method)
+            wrapped[(name, method)] = original
+
+            def timed(*args: Any, _original: Any = original, _key: str = f"{name} {method}") -> Any:
+                started = time.perf_counter()
+                try:
+                    return _original(*args)
+                finally:
+                    seconds[_key] = seconds.get(_key, 0.0) + time.perf_counter() - started
+
+            setattr(worker, method, timed)
+    try:
+        seq_id = core.add_echo(head, rest, options)
+        assert seq_id is not None
+        _drain(core, seq_id)
+    finally:
+        for (name, method), original in wrapped.items():
+            setattr(loop.workers[name], method, original)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="write the JSON record here too")
+    parser.add_argument("--only", help="run only the cases whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pair = EnsembleLoop.from_config(
@@ -117,12 +149,20 @@ def main() -> None:
             pair, RequestOptions(strategy="mean", logprobs=1), True, max(prefill.values())),
         "mean of smollm2 + gemma3 (different vocabularies), piece by piece": (
             pair, RequestOptions(strategy="mean", logprobs=1), False, max(prefill.values())),
+        "deepen of smollm2 + gemma3, one round (positions + forks)": (
+            pair, RequestOptions(strategy="deepen", logprobs=1), True, max(prefill.values())),
+        "deepen of smollm2 + gemma3, piece by piece": (
+            pair, RequestOptions(strategy="deepen", logprobs=1), False, max(prefill.values())),
     }
+    if args.only:
+        cases = {name: case for name, case in cases.items() if args.only in name}
     record: dict[str, Any] = {"machine": machine(), "prompt_tokens_smollm2": tokens, "prefill_seconds": prefill, "cases": {}}
     for name, (loop, options, one_forward, floor) in cases.items():
         seconds = echo_seconds(loop, TEXT, options, args.repeats, one_forward=one_forward)
         record["cases"][name] = {"seconds": seconds, "x_slowest_prefill": seconds / floor}
         print(f"{name:70s} {seconds:7.3f} s  {seconds / floor:6.2f}x prefill", flush=True)
+    if not args.only or "deepen" in args.only:
+        record["deepen_round_seconds"] = round_breakdown(pair, TEXT, RequestOptions(strategy="deepen", logprobs=1))
     print(json.dumps(record, indent=2))
     if args.out:
         with open(args.out, "w") as handle:

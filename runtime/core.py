@@ -128,6 +128,10 @@ class EchoState:
     plan: TextPlan | None = None
     member_ids: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
     lead: str = ""  # whose tokens the entries are (the main member's, when it scores)
+    # Scored from every member's result before every piece (`Strategy.echoes_positions`): the main
+    # member's tokens as pieces, and the strategy that turns its results there into decisions.
+    pieces: list[Piece] = field(default_factory=list)
+    strategy: Strategy | None = None
 
 
 @dataclass
@@ -318,10 +322,11 @@ class EnsembleCore:
         return bool(self.waiting or self.running or self.echoes)
 
     def add_echo(self, context: str, continuation: str, options: RequestOptions | None = None) -> str | None:
-        """Queue the scoring of `continuation` after `context` in ONE forward per member, where that is
-        exact: one member scoring alone, or `mean` over members that share one vocabulary (the
-        average of their log-probs of the same token). None: this ensemble must score piece by piece
-        (different vocabularies, deepen), as `scoring.add_scoring` does.
+        """Queue the scoring of `continuation` after `context` in ONE round: one member scoring alone,
+        or `mean` over members that share one vocabulary (the average of their log-probs of the same
+        token), `mean` over different vocabularies at the text level (runtime/textprob.py), and
+        `deepen` from every member's result before every piece (runtime/echo_positions.py). None:
+        this request must be scored piece by piece (under the gate), as `scoring.add_scoring` does.
         """
         options = options or RequestOptions()
         strategy = self.strategy(options.strategy or self.default_strategy)
@@ -337,6 +342,13 @@ class EnsembleCore:
         )
         if text_level:
             return self._add_text_echo(context, continuation, active, options)
+        if (
+            len(active) > 1
+            and scored_as is not None
+            and fusion.strategy_class(scored_as).echoes_positions
+            and self.resolve_gate(self.strategy(scored_as), options) is None
+        ):
+            return self._add_position_echo(context, continuation, active, self.strategy(scored_as), options)
         if len(active) > 1 and not (scored_as == "mean" and self.ctx.identical_vocab):
             return None
         total = sum(active.values())
@@ -390,6 +402,40 @@ class EnsembleCore:
             plan=plan,
             member_ids=member_ids,
             lead=main,
+        )
+        self.echoes.append(state)
+        return state.seq_id
+
+    def _add_position_echo(
+        self, context: str, continuation: str, active: dict[str, float], strategy: Strategy, options: RequestOptions
+    ) -> str:
+        """Echo from every member's result before every piece of the main member's tokens (DeePEn):
+        the same pieces and prompts as scoring them piece by piece, in one round."""
+        main = self.ctx.main
+        tokenizer = self.members[main].tokenizer
+        continuation_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if not continuation_ids:
+            raise InvalidRequest("the continuation to score is empty")
+        table = self.ctx.table(main)
+        member_ids = {name: (prompt_ids(self.members[name].tokenizer, Prompt(text=context)), []) for name in active}
+        for name, (ids, _) in member_ids.items():
+            # A member's own tokens of the text are about as many as the main member's (not known before the round).
+            if len(ids) + len(continuation_ids) > self.ctx.max_context[name]:
+                raise PromptTooLong(
+                    f"the prompt is over member {name!r}'s context of {self.ctx.max_context[name]} tokens; shorten it"
+                )
+        total = sum(active.values())
+        state = EchoState(
+            seq_id=self.new_id("echo"),
+            members={n: w / total for n, w in active.items()},
+            context_ids=member_ids[main][0],
+            continuation_ids=continuation_ids,
+            table=table,
+            top_n=max(options.logprobs or 0, 1),
+            member_ids=member_ids,
+            lead=main,
+            pieces=[Piece(table.token_bytes(i), main, i) for i in continuation_ids],
+            strategy=strategy,
         )
         self.echoes.append(state)
         return state.seq_id
@@ -524,6 +570,9 @@ class EnsembleCore:
         echoes, self.echoes = self.echoes, []
         works: dict[str, list[SeqWork]] = defaultdict(list)
         for echo in echoes:
+            if echo.strategy is not None:
+                self._position_echo_works(echo, works)
+                continue
             for name in echo.members:
                 context_ids, continuation_ids = echo.member_ids.get(name, (echo.context_ids, echo.continuation_ids))
                 prefixes = []
@@ -560,9 +609,36 @@ class EnsembleCore:
             deltas.append(Delta(seq_id=echo.seq_id, text="", finish_reason="length", logprobs=entries))
         return deltas
 
+    def _position_echo_works(self, echo: EchoState, works: dict[str, list[SeqWork]]) -> None:
+        """Each member: its context and the pieces; the main member also the inverse search over the others'."""
+        assert echo.strategy is not None
+        spec = echo.strategy.echo_spec(echo.members)
+        for name in echo.members:
+            main = name == echo.lead
+            works[name].append(
+                SeqWork(
+                    seq_id=echo.seq_id,
+                    prompt_ids=echo.member_ids[name][0],
+                    echo_pieces=echo.pieces,
+                    full=main,  # the scored piece's own probability, and the candidates' mass, need all of it
+                    relative=True,
+                    invert=spec if main else None,
+                )
+            )
+
     def _echo_entries(self, echo: EchoState, results: dict[str, SeqResult]) -> list[TokenLogprob]:
         if echo.plan is not None:
             return self._text_echo_entries(echo, echo.plan, results)
+        if echo.strategy is not None:
+            positions = results[echo.lead].positions
+            assert positions is not None and len(positions) == len(echo.pieces)
+            entries = []
+            for piece, position in zip(echo.pieces, positions, strict=True):
+                assert position is not None and piece.token_id is not None
+                decision = echo.strategy.position_decision(position)
+                chosen = Candidate(piece.data, echo.lead, piece.token_id)
+                entries.append(self._token_logprob(decision, chosen, -1, echo.top_n))
+            return entries
         n = len(echo.continuation_ids)
         fused_token = torch.zeros(n, dtype=torch.float64)
         alternatives: list[dict[int, float]] = [defaultdict(float) for _ in range(n)]

@@ -88,7 +88,7 @@ def attach_anchors(core: EnsembleCore, workers: dict[str, MemberWorker]) -> None
     deepen = core.config.deepen
     assert core.ctx.anchors is not None
     for name, worker in workers.items():
-        worker.set_anchors(core.ctx.anchors[name], deepen.temperature, deepen.relative_top_k)
+        worker.set_anchors(core.ctx.anchors[name], deepen.temperature, deepen.relative_top_k, name == core.ctx.main)
 
 
 class EnsembleLoop:

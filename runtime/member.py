@@ -68,6 +68,7 @@ class StepOutput:
     echo_logprobs: list[float] | None = None  # log p(token i | tokens < i) for the tokens fed this step
     echo_top: tuple[torch.Tensor, torch.Tensor] | None = None  # [n, echo_top_k] ids and log-probs there
     echo_masses: list[float] | None = None  # log of the summed probability of each asked-for id set
+    echo_full: torch.Tensor | None = None  # [n, V] log-probs at every echoed position, only when asked
 
 
 @dataclass
@@ -262,6 +263,29 @@ class MemberEngine:
             if not packed.row_of:
                 self._packed = None
 
+    @torch.inference_mode()
+    def fork(self, seq_id: str, new_id: str, keep: int) -> None:
+        """A new sequence holding the first `keep` tokens of `seq_id`, with a copy of their K/V.
+
+        Scoring a text under DeePEn needs a member's distribution after its own tokenization of
+        every prefix; where that differs from its tokenization of the whole text only in the last
+        token or two, a fork of the whole text's cache plus those tokens gives it in one batched
+        forward, instead of a forward per prefix.
+        """
+        source = self._get(seq_id)
+        if new_id in self._seqs:
+            raise ValueError(f"sequence {new_id!r} already exists in member {self.name!r}")
+        if not 0 <= keep <= len(source.tokens):
+            raise ValueError(f"cannot fork {keep} tokens of sequence {seq_id!r}, which holds {len(source.tokens)}")
+        if self._packed is not None and seq_id in self._packed.row_of:
+            self._unpack()
+        cached = min(keep, source.cached) if source.cache is not None else 0
+        cache = None
+        if cached:
+            assert source.cache is not None
+            cache = _cache_of([(k[:, :, :cached].clone(), v[:, :, :cached].clone()) for k, v in _kv(source.cache)])
+        self._seqs[new_id] = _Sequence(tokens=source.tokens[:keep], cached=cached, cache=cache)
+
     def token_ids(self, seq_id: str) -> list[int]:
         return list(self._get(seq_id).tokens)
 
@@ -313,6 +337,7 @@ class MemberEngine:
         echo_top_k: int = 0,
         kv_only: Collection[str] = (),
         echo_masses: Mapping[str, Sequence[tuple[int, torch.Tensor]]] | None = None,
+        echo_full: Collection[str] = (),
     ) -> dict[str, StepOutput]:
         """One batched forward over `seq_ids`; returns each one's next-token distribution.
 
@@ -321,6 +346,7 @@ class MemberEngine:
         and their text does not pile up into a wide catch-up later. `echo_masses`: per echoed
         sequence, (j, ids) pairs: the log of the total probability of `ids` in the distribution
         of its j-th echoed position (text-level scoring: every token that goes on with a text).
+        `echo_full`: echoed sequences that also get the whole distribution at every echoed position.
         """
         ids = list(seq_ids)
         self._check_step_args(ids, top_k, echo_top_k)
@@ -344,7 +370,14 @@ class MemberEngine:
         full_set = wanted if full is True else set(full or ())
         answered = [(row, f) for row, f in zip(rows, feeds, strict=True) if f.seq_id in wanted]
         return self._outputs(
-            [f for _, f in answered], logits, [r for r, _ in answered], top_k, full_set, echo_top_k, echo_masses or {}
+            [f for _, f in answered],
+            logits,
+            [r for r, _ in answered],
+            top_k,
+            full_set,
+            echo_top_k,
+            echo_masses or {},
+            set(echo_full),
         )
 
     def _has_new(self, seq_id: str) -> bool:
@@ -636,6 +669,7 @@ class MemberEngine:
         full_set: set[str],
         echo_top_k: int,
         echo_masses: Mapping[str, Sequence[tuple[int, torch.Tensor]]],
+        echo_full: set[str],
     ) -> dict[str, StepOutput]:
         last = logits[:, -1, :].float()
         # log-softmax = logits - logsumexp: the full [rows, V] log-probs are only built when asked.
@@ -648,8 +682,8 @@ class MemberEngine:
             if feed.seq_id in full_set:
                 out.logprobs = (last[row] - normaliser[row]).cpu()
             if feed.echo_from is not None:
-                out.echo_logprobs, out.echo_top, out.echo_masses = self._echo(
-                    feed, logits[row], echo_top_k, echo_masses.get(feed.seq_id, ())
+                out.echo_logprobs, out.echo_top, out.echo_masses, out.echo_full = self._echo(
+                    feed, logits[row], echo_top_k, echo_masses.get(feed.seq_id, ()), feed.seq_id in echo_full
                 )
             results[feed.seq_id] = out
         return results
@@ -660,7 +694,8 @@ class MemberEngine:
         row_logits: torch.Tensor,
         echo_top_k: int,
         masses: Sequence[tuple[int, torch.Tensor]] = (),
-    ) -> tuple[list[float], tuple[torch.Tensor, torch.Tensor] | None, list[float] | None]:
+        full: bool = False,
+    ) -> tuple[list[float], tuple[torch.Tensor, torch.Tensor] | None, list[float] | None, torch.Tensor | None]:
         """Log-probs of the fed tokens from `echo_from` on, each given the tokens before it."""
         assert feed.echo_from is not None
         end = feed.start + len(feed.tokens)
@@ -681,4 +716,4 @@ class MemberEngine:
                 float(logprobs[j, ids.to(logprobs.device)].logsumexp(0)) if ids.numel() else -math.inf
                 for j, ids in masses
             ]
-        return picked.cpu().tolist(), echo_top, summed
+        return picked.cpu().tolist(), echo_top, summed, logprobs.cpu() if full else None

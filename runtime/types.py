@@ -41,6 +41,10 @@ class SeqWork:
     # Text-level scoring: (j, text) pairs; the reply's echo_masses gives, for each, the log of the
     # total probability at the j-th echoed position of this member's tokens that start with `text`.
     echo_prefixes: list[tuple[int, bytes]] = field(default_factory=list)
+    # Echo under DeePEn: `prompt_ids` is the context and these are the scored text's pieces (the main
+    # member's tokens). The reply's `positions` holds this member's result before each piece, on
+    # its own tokens of the text so far: what stepping through the pieces would have given it.
+    echo_pieces: list[Piece] | None = None
     # DeePEn, on the main member only: run the inverse search within this step, from this member's
     # result and what the other members returned in the same round (the executor passes them on).
     invert: InvertSpec | None = None
@@ -99,6 +103,11 @@ class SeqResult(_ShipsArrays):
     # and the inverse search's log-probs over them.
     candidate_ids: torch.Tensor | None = None
     inverted: torch.Tensor | None = None
+    # Echo under DeePEn (SeqWork.echo_pieces): one result per piece, before it; None where this member
+    # does not compute there (inside a character the main member's token split, only the main one does).
+    positions: list[SeqResult | None] | None = None
+    # The main member's, per position: the log-probability of the piece that follows.
+    forced_logprob: float | None = None
 
 
 @dataclass

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
+from consort.runtime import echo_positions
 from consort.runtime.alignment import Aligner
-from consort.runtime.fusion.base import member_key
-from consort.runtime.fusion.deepen import build_invert_work
+from consort.runtime.fusion.base import member_key, table_logprob
+from consort.runtime.fusion.deepen import build_invert_work, forced_logprob
 from consort.runtime.member import MemberEngine
 from consort.runtime.relative import RelativeSpace
-from consort.runtime.types import InvertWork, Piece, SeqResult, SeqWork
+from consort.runtime.types import InvertSpec, InvertWork, Piece, SeqResult, SeqWork
 from consort.runtime.vocab import TokenTable
 
 _TABLES: dict[int, tuple[Any, frozenset[int], TokenTable]] = {}
@@ -57,12 +58,19 @@ class MemberWorker:
         self._prompt_len: dict[str, int] = {}
         self._space: RelativeSpace | None = None
         self._relative_top_k = 16
+        self._main = False  # DeePEn's main member: it runs the inverse search
+        # The main member's whole distribution at each sequence's latest computed position: DeePEn's
+        # search starts from its log-probs of every candidate, which the top-k it ships does not hold.
+        self._rows: dict[str, torch.Tensor] = {}
 
     # -- configuration -------------------------------------------------------------------------
-    def set_anchors(self, anchor_ids: Sequence[int], temperature: float, relative_top_k: int) -> int:
+    def set_anchors(
+        self, anchor_ids: Sequence[int], temperature: float, relative_top_k: int, main: bool = False
+    ) -> int:
         embeddings = self.engine.model.get_input_embeddings().weight.detach()
         self._space = RelativeSpace(embeddings, anchor_ids, temperature)
         self._relative_top_k = relative_top_k
+        self._main = main
         return self._space.num_anchors
 
     # -- sequences -----------------------------------------------------------------------------
@@ -71,6 +79,7 @@ class MemberWorker:
             self.engine.remove(seq_id)
             self._aligners.pop(seq_id, None)
             self._prompt_len.pop(seq_id, None)
+            self._rows.pop(seq_id, None)
 
     @property
     def held_sequences(self) -> int:
@@ -100,17 +109,20 @@ class MemberWorker:
         results: dict[str, SeqResult] = {}
         for work in works:
             result = SeqResult(seq_id=work.seq_id)
-            if work.prompt_ids is not None:
+            if work.prompt_ids is not None and work.echo_pieces is None:  # an echo of pieces admits itself
                 result.prompt_tokens = self._admit(work.seq_id, work.prompt_ids)
             if work.pieces:
                 self._catch_up(work.seq_id, work.pieces)
             results[work.seq_id] = result
-        computing = [w for w in works if w.compute]
+        for work in works:
+            if work.echo_pieces is not None:
+                results[work.seq_id].positions = self._echo_positions(work)
+        computing = [w for w in works if w.compute and w.echo_pieces is None]
         if computing:
             outputs = self.engine.step(
                 [w.seq_id for w in computing],
                 top_k=self.top_k,
-                full={w.seq_id for w in computing if w.full},
+                full={w.seq_id for w in computing if w.full or (self._main and w.relative)},
                 echo={w.seq_id for w in computing if w.echo},
                 echo_top_k=max((w.echo_top_k for w in computing), default=0),
                 kv_only=[w.seq_id for w in works if not w.compute],
@@ -123,6 +135,10 @@ class MemberWorker:
             for work in computing:
                 out, result = outputs[work.seq_id], results[work.seq_id]
                 result.top_ids, result.top_logprobs, result.logprobs = out.top_ids, out.top_logprobs, out.logprobs
+                if self._main and work.relative:
+                    self._rows[work.seq_id] = out.logprobs
+                    if not work.full:
+                        result.logprobs = None  # kept here for the search; the coordinator did not ask for it
                 if work.echo:
                     result.echo_ids = self.engine.token_ids(work.seq_id)
                     result.echo_logprobs, result.echo_top = out.echo_logprobs, out.echo_top
@@ -133,6 +149,31 @@ class MemberWorker:
                     top = out.top_ids[: self._relative_top_k].tolist()
                     result.top_keys = [member_key(self.table, token_id) for token_id in top]
         return [results[w.seq_id] for w in works]
+
+    def _echo_positions(self, work: SeqWork) -> list[SeqResult | None]:
+        """Echo under DeePEn: this member's result before each piece (see runtime/echo_positions.py).
+        Inside a character split by the main member's token only the main member computes (it is
+        the one whose work carries the inverse search)."""
+        pieces = work.echo_pieces or []
+        if work.prompt_ids is None:
+            raise ValueError(f"sequence {work.seq_id}: an echo of pieces needs its context as prompt_ids")
+        states = echo_positions.prefix_states(self.tokenizer, self.table, self.name, pieces, self._window_tokens)
+        inside = echo_positions.mid_character(pieces)
+        wanted = [work.invert is not None or not mid for mid in inside]
+        outputs = echo_positions.positions(
+            self.engine, work.seq_id, work.prompt_ids, states, wanted, top_k=self.top_k, full=work.full
+        )
+        results: list[SeqResult | None] = []
+        for out in outputs:
+            if out is None:
+                results.append(None)
+                continue
+            result = SeqResult(work.seq_id, top_ids=out.top_ids, top_logprobs=out.top_logprobs, logprobs=out.logprobs)
+            if work.relative:
+                result.relative = self.project(out.top_ids, out.top_logprobs)
+                result.top_keys = [member_key(self.table, t) for t in out.top_ids[: self._relative_top_k].tolist()]
+            results.append(result)
+        return results
 
     def finish_inverts(
         self, works: Sequence[SeqWork], results: Sequence[SeqResult], peers: Mapping[str, Sequence[SeqResult]]
@@ -145,6 +186,9 @@ class MemberWorker:
         for work, result in zip(works, results, strict=True):
             spec = work.invert
             if spec is None:
+                continue
+            if work.echo_pieces is not None:
+                self._finish_echo_inverts(work, spec, result, by_peer)
                 continue
             own = spec.main_result if spec.main_result is not None else result
             answers: dict[str, SeqResult] = {self.name: own}
@@ -169,6 +213,45 @@ class MemberWorker:
             (result.inverted,) = self.invert([invert], steps=spec.steps, learning_rate=spec.learning_rate)
             result.candidate_ids = invert.candidate_ids
 
+    def _finish_echo_inverts(
+        self, work: SeqWork, spec: InvertSpec, result: SeqResult, by_peer: Mapping[str, Mapping[str, SeqResult]]
+    ) -> None:
+        """The inverse search before every piece of an echo, and each piece's fused log-probability
+        (what `deepen` gives a forced piece when stepping). Inside a character this member's token
+        split, the piece's log-probability is this member's own, as stepping gives it there."""
+        assert result.positions is not None and work.echo_pieces is not None
+        peers = {}
+        for name in spec.members:
+            if name == self.name:
+                continue
+            peer = by_peer.get(name, {}).get(work.seq_id)
+            if peer is None or peer.positions is None:
+                raise RuntimeError(
+                    f"member {self.name!r}: the echo {work.seq_id} needs member {name!r}'s results before every "
+                    "piece, and this round did not bring them"
+                )
+            peers[name] = peer.positions
+        weights = dict(zip(spec.members, spec.weights, strict=True))
+        inverts: list[tuple[SeqResult, Piece, InvertWork]] = []
+        for i, (own, piece) in enumerate(zip(result.positions, work.echo_pieces, strict=True)):
+            assert own is not None
+            answers = {self.name: own} | {name: positions[i] for name, positions in peers.items()}
+            present = {name: answer for name, answer in answers.items() if answer is not None}
+            if len(present) < len(answers):  # inside a character: only this member went on
+                own.forced_logprob = table_logprob(self.table, own, piece.data)
+                continue
+            keys = {name: (answer.top_keys or [])[: spec.top_k] for name, answer in present.items() if name != self.name}
+            work_i = build_invert_work(work.seq_id, self.name, self.table, weights, present, keys, spec.top_k)
+            inverts.append((own, piece, work_i))
+        searched = self.invert([w for _, _, w in inverts], steps=spec.steps, learning_rate=spec.learning_rate)
+        for (own, piece, invert), inverted in zip(inverts, searched, strict=True):
+            own.candidate_ids, own.inverted = invert.candidate_ids, inverted
+            assert piece.token_id is not None
+            own.forced_logprob = forced_logprob(invert.candidate_ids, inverted, own, piece.token_id, self.table.vocab_size)
+        for own in result.positions:
+            if own is not None:
+                own.logprobs = None  # used here; the whole vocabulary at every position need not travel
+
     # -- DeePEn --------------------------------------------------------------------------------
     def project(self, top_ids: torch.Tensor, top_logprobs: torch.Tensor) -> torch.Tensor:
         if self._space is None:
@@ -181,7 +264,16 @@ class MemberWorker:
             raise RuntimeError(f"member {self.name!r} has no anchors; the deepen strategy sets them at start-up")
         return [
             self._space.invert(
-                w.target, w.candidate_ids, w.initial_logprobs, steps=steps, learning_rate=learning_rate
+                w.target, w.candidate_ids, self._initial(w), steps=steps, learning_rate=learning_rate
             )
             for w in works
         ]
+
+    def _initial(self, work: InvertWork) -> torch.Tensor:
+        """Where the search starts: this member's own log-probs of the candidates, renormalised.
+        Whoever built the work may have known only its top-k (the coordinator, in the two-round
+        path); this member holds its whole distribution at the sequence's latest position."""
+        row = self._rows.get(work.seq_id)
+        if row is None:
+            return work.initial_logprobs
+        return torch.log_softmax(row[work.candidate_ids].float(), -1)

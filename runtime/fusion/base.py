@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -82,6 +82,9 @@ class Strategy:
     # Whether text is scored at the text level (runtime/textprob.py: every member's tokens that are
     # consistent with the text count) rather than by the forced piece's entry in `decide`'s output.
     scores_text: ClassVar[bool] = False
+    # Whether echo scores text from every member's result before every piece, in one round
+    # (`echo_spec`, `position_decision`: DeePEn), rather than piece by piece.
+    echoes_positions: ClassVar[bool] = False
 
     def __init__(self, ctx: EnsembleContext) -> None:
         self.ctx = ctx
@@ -125,6 +128,14 @@ class Strategy:
     ) -> Decision:
         raise NotImplementedError
 
+    def echo_spec(self, weights: Mapping[str, float]) -> InvertSpec:
+        """`echoes_positions`: what the main member computes from the members' results before each piece."""
+        raise NotImplementedError
+
+    def position_decision(self, main_position: SeqResult) -> Decision:
+        """`echoes_positions`: the decision before one piece, from the main member's result there."""
+        raise NotImplementedError
+
 
 def member_key(table: TokenTable, token_id: int) -> bytes | None:
     """The candidate key of a member token: its bytes, EOS_KEY, or None for other special tokens."""
@@ -137,7 +148,11 @@ def member_key(table: TokenTable, token_id: int) -> bytes | None:
 
 def member_logprob(ctx: EnsembleContext, member: str, result: SeqResult, key: bytes) -> float:
     """A member's log-probability of a candidate piece (exact when the full distribution came back)."""
-    table = ctx.table(member)
+    return table_logprob(ctx.table(member), result, key)
+
+
+def table_logprob(table: TokenTable, result: SeqResult, key: bytes) -> float:
+    """`member_logprob` for the member whose vocabulary `table` is."""
     if key == EOS_KEY:
         token_id = min(table.eos_ids)
     else:

@@ -56,20 +56,38 @@ class DeepenStrategy(GatedStrategy):
     def _active(self, seq: SequenceState, results: dict[str, SeqResult]) -> list[str]:
         return [n for n in self.ctx.names if n in results and seq.weight(n) > 0]
 
+    echoes_positions = True
+
     def invert_spec(self, seq: SequenceState, members: Collection[str]) -> InvertSpec | None:
         """The inverse search the main member runs within the step, when `members` compute."""
         active = [n for n in self.ctx.names if n in members and seq.weight(n) > 0]
         if len(active) < 2:
             return None
-        weights = normalised_weights(active, [seq.weight(n) for n in active])
+        return self.echo_spec({n: seq.weight(n) for n in active})
+
+    def echo_spec(self, weights: Mapping[str, float]) -> InvertSpec:
+        """The inverse search over the members with these (positive) weights, in the ensemble's order."""
+        active = [n for n in self.ctx.names if weights.get(n, 0) > 0]
+        normalised = normalised_weights(active, [weights[n] for n in active])
         deepen = self.ctx.config.deepen
         return InvertSpec(
             members=active,
-            weights=[weights[n] for n in active],
+            weights=[normalised[n] for n in active],
             top_k=deepen.relative_top_k,
             steps=deepen.steps,
             learning_rate=deepen.learning_rate,
         )
+
+    def position_decision(self, main_position: SeqResult) -> Decision:
+        """Before one piece of an echo: the inverse search's distribution, or inside a character the
+        main member's own; the piece's log-probability as the main member computed it."""
+        main = self.ctx.main
+        if main_position.inverted is None or main_position.candidate_ids is None:
+            decision = single_member(self.ctx, main, main_position)
+        else:
+            decision = fused_decision(self.ctx.table(main), main, main_position.candidate_ids, main_position.inverted)
+        decision.forced_logprob = main_position.forced_logprob
+        return decision
 
     def invert_work(self, seq: SequenceState, results: dict[str, SeqResult]) -> InvertWork | None:
         """The inverse search as a round of its own, after the step (the two-round path)."""
@@ -93,21 +111,27 @@ class DeepenStrategy(GatedStrategy):
             return single_member(self.ctx, active[0], results[active[0]], forced)
         work = seq.pending_invert
         assert work is not None
-        table = self.ctx.table(main)
-        candidates, values = [], []
-        for token_id, logprob in zip(work.candidate_ids.tolist(), inverted.tolist(), strict=True):
-            key = member_key(table, token_id)
-            if key is not None:
-                candidates.append(Candidate(key, main, token_id))
-                values.append(logprob)
-        decision = Decision(candidates, torch.log_softmax(torch.tensor(values), -1), fused=True)
+        decision = fused_decision(self.ctx.table(main), main, work.candidate_ids, inverted)
         if forced is not None:
-            decision.forced_logprob = _forced_logprob(work, inverted, results[main], forced.token_id, table.vocab_size)
+            decision.forced_logprob = forced_logprob(
+                work.candidate_ids, inverted, results[main], forced.token_id, self.ctx.table(main).vocab_size
+            )
         return decision
 
 
-def _forced_logprob(
-    work: InvertWork, inverted: torch.Tensor, main: SeqResult, token_id: int, vocab_size: int
+def fused_decision(table: TokenTable, main: str, candidate_ids: torch.Tensor, inverted: torch.Tensor) -> Decision:
+    """The inverse search's distribution over its candidates, as the main member's pieces."""
+    candidates, values = [], []
+    for token_id, logprob in zip(candidate_ids.tolist(), inverted.tolist(), strict=True):
+        key = member_key(table, token_id)
+        if key is not None:
+            candidates.append(Candidate(key, main, token_id))
+            values.append(logprob)
+    return Decision(candidates, torch.log_softmax(torch.tensor(values), -1), fused=True)
+
+
+def forced_logprob(
+    candidate_ids: torch.Tensor, inverted: torch.Tensor, main: SeqResult, token_id: int, vocab_size: int
 ) -> float:
     """The fused distribution over the main member's whole vocabulary, at one token.
 
@@ -122,8 +146,8 @@ def _forced_logprob(
         candidate_mass = float(torch.logsumexp(main.top_logprobs, 0))
     else:
         own_at = float(own[token_id])
-        candidate_mass = float(torch.logsumexp(own[work.candidate_ids], 0))
-    hits = (work.candidate_ids == token_id).nonzero()
+        candidate_mass = float(torch.logsumexp(own[candidate_ids], 0))
+    hits = (candidate_ids == token_id).nonzero()
     if hits.numel():
         return min(candidate_mass, 0.0) + float(inverted[hits[0, 0]])
     return own_at
@@ -140,7 +164,8 @@ def build_invert_work(
 ) -> InvertWork:
     """DeePEn's inverse search for one sequence: the weighted average of the members' relative
     vectors (`weights`, in the ensemble's order), and the candidates in the main member's vocabulary
-    (its own top `k`, then the other members' top `k` by their keys) starting from its own log-probs.
+    (its own top `k`, then the other members' top `k` by their keys) starting from its own log-probs
+    (exact where its whole distribution is at hand, else its top-k and an even tail).
 
     The coordinator builds it for a round of its own; the main member builds the same within the
     step, from the other members' results passed to it.
@@ -160,9 +185,16 @@ def build_invert_work(
             if mapped is not None:  # None: the main vocabulary cannot spell this piece at all
                 candidate_ids.append(mapped)
     candidate_ids = list(dict.fromkeys(candidate_ids))
-    known = dict(zip(main_result.top_ids.tolist(), main_result.top_logprobs.tolist(), strict=True))
-    tail = tail_logprob(main_result, main_table.vocab_size)
-    initial = torch.tensor([known.get(c, tail) for c in candidate_ids], dtype=torch.float32)
+    if main_result.logprobs is not None:
+        # The main member's own log-probs of every candidate. A candidate that only another member
+        # ranks high is usually outside the main member's top-k, and the even spread of its leftover
+        # mass (below) puts it near log(1/V): " refrigerator", -6.37 for SmolLM2 and -3.54 for
+        # Gemma-3, started at -12 and stayed there (bench/text_scoring.py).
+        initial = main_result.logprobs[torch.tensor(candidate_ids)].float()
+    else:
+        known = dict(zip(main_result.top_ids.tolist(), main_result.top_logprobs.tolist(), strict=True))
+        tail = tail_logprob(main_result, main_table.vocab_size)
+        initial = torch.tensor([known.get(c, tail) for c in candidate_ids], dtype=torch.float32)
     return InvertWork(seq_id, target, torch.tensor(candidate_ids), torch.log_softmax(initial, -1))
 
 

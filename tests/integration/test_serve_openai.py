@@ -210,6 +210,37 @@ def test_echo(client: openai.OpenAI, base_url: str) -> None:
         assert answer.status_code == 400 and "echo is not supported" in answer.json()["error"]["message"]
 
 
+def test_deepen_echo_on_actors_equals_scoring_piece_by_piece_in_process(base_url: str) -> None:
+    """Echo under deepen runs in one round on the member actors (every member's result before every
+    piece, runtime/echo_positions.py); in process, the same text stepped piece by piece scores the same."""
+    import asyncio
+
+    from consort.runtime.config import parse_config
+    from consort.runtime.loop import EnsembleLoop
+    from consort.runtime.prompts import Prompt
+    from consort.runtime.scoring import add_scoring
+    from consort.runtime.types import RequestOptions
+    from tests.integration.conftest import MAIN_MAX_CONTEXT, MAIN_MAX_TOKENS_LIMIT, tiny_config
+
+    text = "Il fait très beau à Zürich: the refrigerator hums."
+    body = {"model": "consort", "prompt": text, "max_tokens": 1, "temperature": 0, "echo": True,
+            "logprobs": 1, "strategy": "deepen"}
+    answer = httpx.post(f"{base_url}/v1/completions", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    served = answer.json()["choices"][0]["logprobs"]["token_logprobs"]
+
+    config = parse_config(tiny_config(max_context=MAIN_MAX_CONTEXT, max_tokens_limit=MAIN_MAX_TOKENS_LIMIT))
+    core = EnsembleLoop.from_config(config, device="cpu").core
+    tokenizer = core.members[core.ctx.main].tokenizer
+    head = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:1])
+    seq_id = add_scoring(core, Prompt(text=head), text[len(head) :], RequestOptions(strategy="deepen", logprobs=1))
+    stepped = []
+    while core.has_work:
+        stepped += [lp.logprob for d in asyncio.run(core.step()) if d.seq_id == seq_id for lp in d.logprobs]
+    assert served[0] is None
+    assert served[1 : 1 + len(stepped)] == pytest.approx(stepped, abs=1e-4)
+
+
 # A prompt on which, greedily, each tiny member alone and their mean continue three different ways.
 FUSED_PROMPT = "A"
 

@@ -178,7 +178,7 @@ def test_echo_of_a_member_alone_takes_one_round(pair) -> None:
     (delta,) = _run(core, [seq_id])[seq_id]
     assert len(delta.logprobs) > 60
     assert rounds[0] == ["smol"]  # one forward, of that member only
-    # Different vocabularies: deepen is scored piece by piece; mean at the text level, one forward
-    # per member (tests/unit/test_textprob.py).
-    assert core.add_echo("Question", ": why", RequestOptions(strategy="deepen")) is None
+    # Different vocabularies: mean at the text level, one forward per member (tests/unit/test_textprob.py);
+    # deepen from every member's result before every piece (tests/unit/test_echo_positions.py).
+    assert core.add_echo("Question", ": why", RequestOptions(strategy="deepen")) is not None
     assert core.add_echo("Question", ": why", RequestOptions(strategy="mean")) is not None

@@ -51,13 +51,13 @@ def _outputs(loop: EnsembleLoop, weights: list[float] | None, gate: float | None
     }
 
 
-def _rounds(loop: EnsembleLoop, weights: list[float] | None, gate: float | None) -> list[int]:
+def _rounds(loop: EnsembleLoop, weights: list[float] | None, gate: float | None) -> list[tuple[int, int]]:
     core = loop.core
     core.add(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), RequestOptions(strategy="deepen", weights=weights, gate=gate))
     rounds = []
     while core.has_work:
         asyncio.run(core.step())
-        rounds.append(core.last_stats.rounds)
+        rounds.append((core.last_stats.rounds, core.last_stats.fused))
     return rounds
 
 
@@ -74,10 +74,14 @@ def test_one_round_deepen_equals_the_two_round_path(tiny_models, ensemble: str, 
     one_round_counts = _rounds(loop, weights, gate)
     assert one_round == two_rounds
     assert all(text for text, _ in one_round["greedy"]) and len(one_round["scores"]) == 5
-    # The tiny members are never sure (top probability < 0.5): every step fuses, the gate's too.
+    # The tiny members are never sure (top probability < 0.5), so the gate always consults them all;
+    # a step fuses unless the text ends inside a character (then its owner alone goes on, in one round).
     extra = 0 if gate is None else 1
-    assert one_round_counts == [1 + extra] * 4
-    assert two_round_counts == [2 + extra] * 4
+    assert [fused for _, fused in one_round_counts] == [fused for _, fused in two_round_counts]
+    assert one_round_counts[0] == (1 + extra, 1)
+    for (one, fused), (two, _) in zip(one_round_counts, two_round_counts, strict=True):
+        assert one == (1 + extra if fused else 1)
+        assert two == one + fused  # the inverse search's own round
 
 
 def test_the_fused_steps_really_fused(tiny_models) -> None:
