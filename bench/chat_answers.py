@@ -25,6 +25,8 @@ CASES = {
     "qwen alone": RequestOptions(strategy="me", weights=[1, 0]),
     "smollm2 alone": RequestOptions(strategy="me", weights=[0, 1]),
     "mean qwen+smollm2": RequestOptions(strategy="mean"),
+    "mean qwen+smollm2, weights 2:1": RequestOptions(strategy="mean", weights=[2, 1]),
+    "mean qwen+smollm2, weights 3:1": RequestOptions(strategy="mean", weights=[3, 1]),
     "deepen qwen+smollm2": RequestOptions(strategy="deepen"),
 }
 
@@ -33,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", help="write every answer as JSON here too")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--only", help="run only the cases whose label contains this")
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = parse_config(
@@ -49,6 +52,8 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     answers: dict[str, list[dict[str, object]]] = {}
     for label, options in CASES.items():
+        if args.only and args.only not in label:
+            continue
         rows = []
         for prompt in PROMPTS:
             started = time.perf_counter()

@@ -24,7 +24,7 @@ import ray
 
 from bench.common import PROMPTS
 from consort.actors.client import complete, connect, start_coordinator
-from consort.runtime.config import default_config, parse_config
+from consort.runtime.config import pair_config, parse_config
 from consort.runtime.prompts import Prompt
 from consort.runtime.sampling import SamplingParams
 from consort.runtime.types import RequestOptions
@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     connect(args.address)
-    base = default_config().model_dump()
+    base = pair_config().model_dump()
     for member in base["members"]:
         member["threads"] = args.threads
         if args.gpu_share is not None:

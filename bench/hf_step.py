@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=64, help="decode steps timed per pass")
     parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
-    parser.add_argument("--models", default=",".join(models.DEFAULT_MEMBERS), help="comma-separated aliases")
+    parser.add_argument("--models", default=",".join(models.PAIR_MEMBERS), help="comma-separated aliases")
     args = parser.parse_args()
     for alias in args.models.split(","):
         model, tokenizer = models.load(alias, device=args.device, dtype=resolve_dtype("auto", args.device))

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per sequence")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (DESIGN quotes 1)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--models", default=",".join(models.DEFAULT_MEMBERS), help="comma-separated aliases")
+    parser.add_argument("--models", default=",".join(models.PAIR_MEMBERS), help="comma-separated aliases")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {alias: bench_model(alias, args.tokens, args.repeats) for alias in args.models.split(",")}

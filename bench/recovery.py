@@ -19,7 +19,7 @@ import ray
 
 from bench.common import machine
 from consort.actors.client import complete, connect, start_coordinator
-from consort.runtime.config import default_config, parse_config
+from consort.runtime.config import pair_config, parse_config
 from consort.runtime.errors import MemberLost
 from consort.runtime.prompts import Prompt
 from consort.runtime.sampling import SamplingParams
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--member", default="gemma3")
     parser.add_argument("--out")
     args = parser.parse_args()
-    config = parse_config({**default_config("mean").model_dump(), "transport": "actor_calls"})
+    config = parse_config({**pair_config("mean").model_dump(), "transport": "actor_calls"})
     connect(None, min_cpus=4)
     started = time.monotonic()
     coordinator = start_coordinator(config)

@@ -37,7 +37,7 @@ import ray  # noqa: E402
 
 from bench.common import PROMPTS, machine  # noqa: E402
 from consort.runtime import models  # noqa: E402
-from consort.runtime.config import EnsembleConfig, default_config, parse_config  # noqa: E402
+from consort.runtime.config import EnsembleConfig, pair_config, parse_config  # noqa: E402
 from consort.runtime.prompts import Prompt  # noqa: E402
 from consort.runtime.sampling import SamplingParams  # noqa: E402
 from consort.runtime.types import RequestOptions  # noqa: E402
@@ -58,7 +58,7 @@ class Sample:
 
 def ensemble(real: bool, strategy: str) -> EnsembleConfig:
     if real:
-        return parse_config({**default_config(strategy).model_dump(), "max_batch": 16})
+        return parse_config({**pair_config(strategy).model_dump(), "max_batch": 16})
     return parse_config({"members": TINY_MEMBERS, "strategy": strategy, "main": "smollm2", "max_batch": 16})
 
 

@@ -13,7 +13,7 @@ import json
 import torch
 
 from bench.common import PROMPTS, best_of, machine, timed
-from consort.runtime.config import default_config, parse_config
+from consort.runtime.config import pair_config, parse_config
 from consort.runtime.loop import EnsembleLoop
 from consort.runtime.prompts import Prompt
 from consort.runtime.sampling import SamplingParams
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = parse_config({**default_config().model_dump(), "max_batch": max(16, args.batch)})
+    config = parse_config({**pair_config().model_dump(), "max_batch": max(16, args.batch)})
     loop = EnsembleLoop.from_config(config, device="cpu")
     names = [m.name for m in config.members]
     prompts = [Prompt(text=PROMPTS[i % len(PROMPTS)]) for i in range(args.batch)]

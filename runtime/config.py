@@ -318,7 +318,23 @@ def load_config(path: str | Path) -> EnsembleConfig:
 
 
 def default_config(strategy: str = "deepen") -> EnsembleConfig:
-    """The packaged default pair, SmolLM2-135M-Instruct (main) + Gemma-3-270M."""
+    """The default ensemble (ensemble.yaml): Qwen2.5-Coder-0.5B-Instruct (main) + SmolLM2-135M-Instruct,
+    two chat members with different vocabularies (docs/results.md, "Chat answers")."""
+    return parse_config(
+        {
+            "members": [
+                {"name": "qwen", "model": "qwen2.5-coder-0.5b-instruct"},
+                {"name": "smollm2", "model": "smollm2-135m-instruct"},
+            ],
+            "strategy": strategy,
+            "main": "qwen",
+        }
+    )
+
+
+def pair_config(strategy: str = "deepen") -> EnsembleConfig:
+    """The two smallest packaged members, SmolLM2-135M-Instruct (main) + Gemma-3-270M: different
+    tokenizers (49k byte-level BPE, 262k SentencePiece) at the least CPU cost, for benchmarks and tests."""
     return parse_config(
         {
             "members": [

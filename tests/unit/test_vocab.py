@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from consort.runtime import models as consort_models
 from consort.runtime.vocab import TokenTable, VocabError, anchors, shared_bytes
 
-SMOLLM2, GEMMA = consort_models.DEFAULT_MEMBERS
+SMOLLM2, GEMMA = consort_models.PAIR_MEMBERS
 ALIASES = [SMOLLM2, GEMMA]
 SETTINGS = settings(
     max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
