@@ -180,6 +180,7 @@ class EnsembleCore:
         self.running: dict[str, SequenceState] = {}
         self.votes = VoteGroups()
         self.echoes: list[EchoState] = []
+        self._echoing: list[str] = []  # the echoes of the round in flight (a failed round fails them)
         self.last_stats = StepStats()
         # DeePEn's inverse search within the main member's step (one round); False: a round of its
         # own after the step, as before (kept to check that both give the same outputs).
@@ -551,7 +552,12 @@ class EnsembleCore:
             failed += [s.seq_id for s in self.waiting]
         callers = list(dict.fromkeys(self.votes.caller_of(seq_id) for seq_id in failed))
         self._drop(set(failed) | set(callers))
-        return callers
+        # The echoes the failed round carried, and with the waiting ones those still queued.
+        echoes, self._echoing = self._echoing, []
+        if waiting_too:
+            echoes += [echo.seq_id for echo in self.echoes]
+            self.echoes = []
+        return callers + echoes
 
     async def release_if_idle(self) -> None:
         """With nothing left to step, free what finished now: no next step would carry it."""
@@ -592,12 +598,16 @@ class EnsembleCore:
                     )
                 )
         release = {m: self._unreleased.pop(m) for m in works if self._unreleased.get(m)}
+        # Freed with the members' next call even if this round fails (a member drops what it never held).
+        for name, member_works in works.items():
+            self._unreleased[name].extend(w.seq_id for w in member_works)
+        self._echoing = [echo.seq_id for echo in echoes]
         replies = await self.executor.step(works, release)
+        self._echoing = []
         by_echo: dict[str, dict[str, SeqResult]] = defaultdict(dict)
         for name, reply in replies.items():
             for result in reply.results:
                 by_echo[result.seq_id][name] = result
-            self._unreleased[name].extend(w.seq_id for w in works[name])
         deltas = []
         for echo in echoes:
             try:

@@ -182,3 +182,26 @@ def test_echo_of_a_member_alone_takes_one_round(pair) -> None:
     # deepen from every member's result before every piece (tests/unit/test_echo_positions.py).
     assert core.add_echo("Question", ": why", RequestOptions(strategy="deepen")) is not None
     assert core.add_echo("Question", ": why", RequestOptions(strategy="mean")) is not None
+
+
+def test_a_round_that_fails_under_an_echo_fails_that_echo_for_its_caller(pair) -> None:
+    """The coordinator fails what `core.fail()` returns; an echo whose round broke must be among them,
+    or its caller waits forever."""
+    core = pair.core
+    original = core.executor.step
+
+    async def broken(works, release=None):
+        raise RuntimeError("a member went away")
+
+    core.executor.step = broken  # type: ignore[method-assign]
+    try:
+        in_round = [core.add_echo("Question", text, RequestOptions(strategy="mean", logprobs=1)) for text in (": why", ": how")]
+        with pytest.raises(RuntimeError):
+            asyncio.run(core.step())
+        queued = core.add_echo("Question", ": when", RequestOptions(strategy="mean", logprobs=1))
+    finally:
+        core.executor.step = original  # type: ignore[method-assign]
+    assert sorted(core.fail()) == sorted(in_round)  # the queued one has not run yet: it still may
+    assert core.has_work
+    assert core.fail(waiting_too=True) == [queued]
+    assert not core.has_work
