@@ -349,7 +349,13 @@ class EnsembleCore:
             and fusion.strategy_class(scored_as).echoes_positions
             and self.resolve_gate(self.strategy(scored_as), options) is None
         ):
-            return self._add_position_echo(context, continuation, active, self.strategy(scored_as), options)
+            tokenizer = self.members[self.ctx.main].tokenizer
+            continuation_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            if not continuation_ids:
+                raise InvalidRequest("the continuation to score is empty")
+            table = self.ctx.table(self.ctx.main)
+            pieces = [Piece(table.token_bytes(i), self.ctx.main, i) for i in continuation_ids]
+            return self._add_position_echo(Prompt(text=context), pieces, active, self.strategy(scored_as), options)
         if len(active) > 1 and not (scored_as == "mean" and self.ctx.identical_vocab):
             return None
         total = sum(active.values())
@@ -408,20 +414,22 @@ class EnsembleCore:
         return state.seq_id
 
     def _add_position_echo(
-        self, context: str, continuation: str, active: dict[str, float], strategy: Strategy, options: RequestOptions
+        self,
+        context: Prompt,
+        pieces: list[Piece],
+        active: dict[str, float],
+        strategy: Strategy,
+        options: RequestOptions,
     ) -> str:
         """Echo from every member's result before every piece of the main member's tokens (DeePEn):
         the same pieces and prompts as scoring them piece by piece, in one round."""
         main = self.ctx.main
-        tokenizer = self.members[main].tokenizer
-        continuation_ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-        if not continuation_ids:
-            raise InvalidRequest("the continuation to score is empty")
-        table = self.ctx.table(main)
-        member_ids = {name: (prompt_ids(self.members[name].tokenizer, Prompt(text=context)), []) for name in active}
+        member_ids: dict[str, tuple[list[int], list[int]]] = {
+            name: (self.member_prompt_ids(name, context), []) for name in active
+        }
         for name, (ids, _) in member_ids.items():
             # A member's own tokens of the text are about as many as the main member's (not known before the round).
-            if len(ids) + len(continuation_ids) > self.ctx.max_context[name]:
+            if len(ids) + len(pieces) > self.ctx.max_context[name]:
                 raise PromptTooLong(
                     f"the prompt is over member {name!r}'s context of {self.ctx.max_context[name]} tokens; shorten it"
                 )
@@ -430,12 +438,12 @@ class EnsembleCore:
             seq_id=self.new_id("echo"),
             members={n: w / total for n, w in active.items()},
             context_ids=member_ids[main][0],
-            continuation_ids=continuation_ids,
-            table=table,
+            continuation_ids=[p.token_id for p in pieces if p.token_id is not None],
+            table=self.ctx.table(main),
             top_n=max(options.logprobs or 0, 1),
             member_ids=member_ids,
             lead=main,
-            pieces=[Piece(table.token_bytes(i), main, i) for i in continuation_ids],
+            pieces=pieces,
             strategy=strategy,
         )
         self.echoes.append(state)
@@ -479,6 +487,17 @@ class EnsembleCore:
             and fusion.strategy_class(scored_as).scores_text
             and self.resolve_gate(self.strategy(scored_as), options) is None
         )
+        positions = (
+            not exact
+            and not text_level
+            and scored_as is not None
+            and fusion.strategy_class(scored_as).echoes_positions
+            and self._same_vocab(vocab, self.ctx.main)
+            and self.resolve_gate(self.strategy(scored_as), options) is None
+        )
+        if positions:
+            assert scored_as is not None
+            return self._position_echo_ids(vocab, ids, active, self.strategy(scored_as), options)
         if not exact and not text_level:
             return None
         if text_level:
@@ -493,6 +512,19 @@ class EnsembleCore:
                 )
         self.echoes.append(state)
         return state.seq_id
+
+    def _position_echo_ids(
+        self, vocab: str, ids: list[int], active: dict[str, float], strategy: Strategy, options: RequestOptions
+    ) -> str:
+        """`_add_position_echo` of the client's ids as they are: ids[0] the context, each later id a piece
+        of the main member's (the same context and pieces as `scoring.add_scoring_ids`)."""
+        table = self.ctx.table(self.ctx.main)
+        pieces = [Piece(table.token_bytes(i), self.ctx.main, i) for i in ids[1:]]
+        if not all(p.data for p in pieces):
+            raise InvalidRequest("a special token after the first prompt id cannot be scored by this strategy")
+        head = str(self.members[vocab].tokenizer.decode(ids[:1]))
+        context = Prompt(text=head, token_ids=ids[:1], token_vocab=vocab)
+        return self._add_position_echo(context, pieces, active, strategy, options)
 
     def _plan_token_echo(self, state: EchoState, vocab: str, owners: list[str]) -> None:
         """The text-level plan of a token-id echo: the owners' tokens end where the client's ids end."""

@@ -85,3 +85,22 @@ def test_some_prefixes_need_a_fork_and_the_main_members_never_do(deepen_pair) ->
 
     assert forks("smol") == 0
     assert forks("gemma") > 0
+
+
+def test_token_id_echo_under_deepen_takes_one_round_and_equals_stepping_through_the_ids(deepen_pair) -> None:
+    """A prompt as the main member's token ids (lm-eval's tokenized requests), canonical or not: the
+    client's ids are the pieces either way, in one round or piece by piece."""
+    from consort.runtime.scoring import add_scoring_ids
+
+    core = deepen_pair.core
+    tokenizer = core.members["smol"].tokenizer
+    canonical = tokenizer("Unbelievable results, très bien", add_special_tokens=False)["input_ids"]
+    split = [tokenizer.convert_tokens_to_ids(t) for t in ("U", "n")] + canonical[1:]
+    options = RequestOptions(strategy="deepen", logprobs=2)
+    for ids in (canonical, split):
+        fast_id = core.add_echo_ids("smol", ids, options)
+        assert fast_id is not None
+        fast = _run(core, fast_id)
+        slow = _run(core, add_scoring_ids(core, "smol", ids, options))
+        assert len(fast) == len(ids) - 1
+        assert [e.logprob for e in fast] == pytest.approx([e.logprob for e in slow], abs=1e-4)

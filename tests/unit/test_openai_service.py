@@ -678,10 +678,9 @@ async def test_several_token_prompts_are_choices_in_order(
         await token_service.completions(CompletionRequest(model="consort", prompt=[49152]))
 
 
-async def test_deepen_scores_the_client_ids_piece_by_piece(
-    token_service: Any, tiny_models: dict[str, Any]
-) -> None:
-    """A strategy without a one-round echo of token ids takes them as its forced pieces: one entry per id."""
+async def test_deepen_scores_one_entry_per_client_id(token_service: Any, tiny_models: dict[str, Any]) -> None:
+    """deepen takes the client's ids as its pieces: one entry per id (equal to stepping through them:
+    tests/unit/test_echo_positions.py)."""
     ids = tiny_models[SMOL][1]("Unbelievable results", add_special_tokens=False)["input_ids"]
     reply = await token_service.completions(_echo_body("consort", ids, strategy="deepen"))
     logprobs = reply.choices[0].logprobs.token_logprobs
