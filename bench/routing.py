@@ -168,6 +168,11 @@ def pair_report(
             "cpt50": cpt(curve, acc_cheap, acc_strong, 0.5),
             "cpt80": cpt(curve, acc_cheap, acc_strong, 0.8),
             "best_accuracy": max(curve.accuracy),
+            # The cheapest point at least as accurate as the strong member alone (None: none is).
+            "strong_accuracy_at_share": next(
+                (share for share, accuracy in zip(curve.share, curve.accuracy, strict=True) if accuracy >= acc_strong),
+                None,
+            ),
         }
     report = {
         "cheap": cheap,

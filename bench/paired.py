@@ -1,0 +1,62 @@
+"""Two evaluation runs on the same questions, side by side: accuracy of a strategy in each, and the
+paired split (questions one run answered right and the other wrong) with its exact sign test.
+
+    python -m bench.paired results/deepen/old results/deepen/new --strategy deepen [--label-a before --label-b after]
+
+Each folder is a `consort eval --out`; questions are matched by (task, id). `--strategy members:NAME`
+reads a member alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from consort.runtime.evaluation.report import sign_test
+
+
+def correct(record: dict, strategy: str) -> bool:
+    if strategy.startswith("members:"):
+        return bool(record["members"][strategy.split(":", 1)[1]]["correct"])
+    return bool(record["strategies"][strategy]["correct"])
+
+
+def load(folder: Path, strategy: str) -> dict[tuple[str, str], bool]:
+    out = {}
+    for line in (folder / "predictions.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[(record["task"], record["id"])] = correct(record, strategy)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("a", type=Path)
+    parser.add_argument("b", type=Path)
+    parser.add_argument("--strategy", required=True, help="strategy in both runs (or members:NAME)")
+    parser.add_argument("--strategy-b", help="the strategy read from run b, if another")
+    parser.add_argument("--label-a", default="a")
+    parser.add_argument("--label-b", default="b")
+    args = parser.parse_args()
+    a = load(args.a, args.strategy)
+    b = load(args.b, args.strategy_b or args.strategy)
+    shared = sorted(set(a) & set(b))
+    by_task: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    for key in shared:
+        by_task[key[0]].append((a[key], b[key]))
+    by_task["pooled"] = [pair for task in list(by_task) for pair in by_task[task]]
+    print(f"| task | N | {args.label_a} | {args.label_b} | {args.label_b} vs {args.label_a}: won/lost (p) |")
+    print("|---|---|---|---|---|")
+    for task, pairs in by_task.items():
+        n = len(pairs)
+        won = sum(1 for x, y in pairs if y and not x)
+        lost = sum(1 for x, y in pairs if x and not y)
+        acc_a = 100 * sum(x for x, _ in pairs) / n
+        acc_b = 100 * sum(y for _, y in pairs) / n
+        print(f"| {task} | {n} | {acc_a:.1f} | {acc_b:.1f} | {won}/{lost} ({sign_test(won, lost):.3g}) |")
+
+
+if __name__ == "__main__":
+    main()
