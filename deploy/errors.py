@@ -109,7 +109,7 @@ def _plain(
 _UNION_STEP = re.compile(r"^(str|int|float|bool|none|[a-z]+\[.*\]|constrained-\w+|function-\w+\[.*\]|[A-Z]\w*)$")
 
 
-def _describe_validation(error: RequestValidationError) -> tuple[str, str | None, str | None]:
+def describe_validation(error: RequestValidationError) -> tuple[str, str | None, str | None]:
     """(message, param, code) of a request that failed validation; the first field at fault is the param."""
     problems: dict[str, str] = {}  # one problem a field: a union's other branches only repeat it
     for item in error.errors():
@@ -138,7 +138,7 @@ def install(app: FastAPI) -> None:
 
     async def validation_error(_: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        message, param, code = _describe_validation(error)
+        message, param, code = describe_validation(error)
         return _plain(400, message, "invalid_request_error", param=param, code=code)
 
     async def http_error(_: Request, error: Exception) -> JSONResponse:

@@ -23,7 +23,7 @@ import numpy as np
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from consort.deploy.errors import _describe_validation, error_body
+from consort.deploy.errors import describe_validation, error_body
 from consort.deploy.openai_api import ChatCompletionRequest, CompletionRequest, ErrorDetail, ErrorResponse
 from consort.deploy.service import OpenAIService
 from consort.runtime.batch_lines import BatchLineError, error_line, parse_request, response_line, usage_of
@@ -79,7 +79,7 @@ async def answer(service: OpenAIService, custom_id: str, text: str, retry_s: flo
             answered = await _call(service, url, body)
         except ValidationError as error:
             # The message the endpoint gives for the same body (deploy/errors.py's handler).
-            message, param, code = _describe_validation(RequestValidationError(error.errors()))
+            message, param, code = describe_validation(RequestValidationError(error.errors()))
             detail = ErrorDetail(message=message, type="invalid_request_error", param=param, code=code)
             return _refusal(custom_id, 400, ErrorResponse(error=detail))
         except ConsortError as error:
