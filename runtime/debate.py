@@ -165,8 +165,6 @@ class DebateStrategy(AnswerStrategy):
         options: RequestOptions,
         seq_id: str | None,
     ) -> str:
-        if options.gate is not None:
-            raise InvalidRequest("gate does not apply to debate: each agent is a member alone")
         if options.vote_samples is not None:
             raise InvalidRequest("vote_samples does not apply to debate: each member answers once a round")
         kind, n_choices = vote_kind(core, options)

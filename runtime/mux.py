@@ -127,8 +127,6 @@ class MuxStrategy(AnswerStrategy):
         options: RequestOptions,
         seq_id: str | None,
     ) -> str:
-        if options.gate is not None:
-            raise InvalidRequest("gate does not apply to mux: each member answers alone")
         kind, n_choices = vote_kind(core, options)
         accuracy = member_accuracy(core, options)
         branches = cot_branches(core, options)

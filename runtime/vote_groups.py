@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, get_args
 
 from consort.runtime.errors import ConsortError, InvalidRequest, SequenceFailed
-from consort.runtime.fusion import REGISTRY, register, strategy_class
+from consort.runtime.fusion import REGISTRY, gated_names, register, strategy_class
 from consort.runtime.fusion.base import Candidate, Strategy
 from consort.runtime.types import Delta, RequestOptions, TokenLogprob, VoteKind
 
@@ -219,7 +219,7 @@ class AnswerStrategy(Strategy):
     """An answer-level strategy: `admit` opens an `AnswerGroup`; `sequences` is the most it runs at once."""
 
     level = "answer"
-    # The options in CHECKED_OPTIONS this strategy reads.
+    # The options in CHECKED_OPTIONS this strategy reads, and "gate" if it passes a gate on to its answers.
     reads: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
@@ -269,6 +269,11 @@ def check_options(strategy: Strategy, options: RequestOptions) -> None:
             raise InvalidRequest(
                 f"{option} applies to the strategies {', '.join(strategies_reading(option))}, not {strategy.name!r}"
             )
+    # A token-level strategy checks its gate itself (EnsembleCore.resolve_gate); an answer-level one
+    # takes it only to pass it on to the strategy its answers are written with.
+    if options.gate is not None and strategy.level == "answer" and "gate" not in reads:
+        takers = [*gated_names(), *strategies_reading("gate")]
+        raise InvalidRequest(f"gate applies to {', '.join(takers)}, not {strategy.name!r}: its answers are not gated")
 
 
 def vote_kind(core: EnsembleCore, options: RequestOptions) -> tuple[VoteKind, int | None]:
@@ -389,7 +394,7 @@ class VoteStrategy(AnswerStrategy):
     """Agent Forest: sample N whole answers across the members, return the one the others agree with most."""
 
     name = "vote"
-    reads = frozenset({"cot_branches"})
+    reads = frozenset({"cot_branches", "gate"})
 
     @classmethod
     def sequences(cls, config: EnsembleConfig, options: RequestOptions) -> int:

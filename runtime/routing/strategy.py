@@ -136,8 +136,6 @@ class RouteStrategy(Strategy):
         options: RequestOptions,
         seq_id: str | None,
     ) -> str:
-        if options.gate is not None:
-            raise InvalidRequest("gate does not apply to route; the routed members answer without gating")
         allowed = None
         if options.weights is not None:
             weights = core.resolve_weights(options.weights)

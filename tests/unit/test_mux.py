@@ -162,3 +162,10 @@ def test_mux_occupies_k_sequences_per_member(pair: Any) -> None:
     assert core.sequences_needed(RequestOptions(strategy="mux", vote_samples=4, weights=[1.0, 0.0])) == 4
     assert core.sequences_needed(RequestOptions(strategy="mux", cot_branches=3)) == 6
     assert core.sequences_needed(RequestOptions(strategy="mux")) == 2 * core.config.mux.samples
+
+
+@pytest.mark.parametrize("strategy", ["mux", "debate", "route"])
+def test_answer_level_strategies_that_do_not_gate_their_answers_refuse_a_gate(pair, strategy: str) -> None:
+    """One check (vote_groups.check_options) for every answer-level strategy; vote passes a gate on."""
+    with pytest.raises(InvalidRequest, match=f"gate applies to .*vote.*, not '{strategy}'"):
+        pair.core.add(Prompt(text="Q: 2+2?\nA:"), PARAMS, RequestOptions(strategy=strategy, vote_kind="span", gate=0.5))
