@@ -86,7 +86,8 @@ def incomplete_tail(data: bytes | bytearray) -> int:
     return 0
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids two id lists share."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -176,7 +177,7 @@ class Aligner:
         if complete <= self._settled or complete < self._frontier:
             return Edit(engine_len, self._ids[engine_len:])
         start_index, start, window_ids, window_ends = self._retokenize(complete)
-        keep = start_index + _common_prefix(self._ids[start_index:engine_len], window_ids)
+        keep = start_index + common_prefix(self._ids[start_index:engine_len], window_ids)
         # In place: copying the whole list every step would make a long text quadratic.
         del self._ids[start_index:], self._ends[start_index:]
         self._ids += window_ids

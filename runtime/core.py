@@ -516,15 +516,20 @@ class EnsembleCore:
     def _position_echo_ids(
         self, vocab: str, ids: list[int], active: dict[str, float], strategy: Strategy, options: RequestOptions
     ) -> str:
-        """`_add_position_echo` of the client's ids as they are: ids[0] the context, each later id a piece
-        of the main member's (the same context and pieces as `scoring.add_scoring_ids`)."""
+        """`_add_position_echo` of the client's ids as they are (the same context and pieces as
+        `scoring.add_scoring_ids`)."""
+        context, pieces = self.token_id_pieces(vocab, ids)
+        return self._add_position_echo(context, pieces, active, strategy, options)
+
+    def token_id_pieces(self, vocab: str, ids: list[int]) -> tuple[Prompt, list[Piece]]:
+        """A prompt of the main member's token ids, to be scored: ids[0] as the context (fed as it is),
+        each later id a piece of the main member's."""
         table = self.ctx.table(self.ctx.main)
         pieces = [Piece(table.token_bytes(i), self.ctx.main, i) for i in ids[1:]]
         if not all(p.data for p in pieces):
             raise InvalidRequest("a special token after the first prompt id cannot be scored by this strategy")
         head = str(self.members[vocab].tokenizer.decode(ids[:1]))
-        context = Prompt(text=head, token_ids=ids[:1], token_vocab=vocab)
-        return self._add_position_echo(context, pieces, active, strategy, options)
+        return Prompt(text=head, token_ids=ids[:1], token_vocab=vocab), pieces
 
     def _plan_token_echo(self, state: EchoState, vocab: str, owners: list[str]) -> None:
         """The text-level plan of a token-id echo: the owners' tokens end where the client's ids end."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from consort.runtime.alignment import Aligner, incomplete_tail
+from consort.runtime.alignment import Aligner, common_prefix, incomplete_tail
 from consort.runtime.member import MemberEngine
 from consort.runtime.types import Piece
 from consort.runtime.vocab import TokenTable
@@ -89,7 +89,7 @@ def positions(
         if not wanted[i]:
             continue
         ids = prompt + state
-        kept = _common_prefix(ids, whole)
+        kept = common_prefix(ids, whole)
         if kept == len(ids) < len(whole):
             # Echo row j is the distribution after the first j + 1 tokens.
             j = len(ids) - 1
@@ -115,11 +115,3 @@ def positions(
             out[i] = PositionOutput(result.top_ids, result.top_logprobs, result.logprobs)
     return out
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

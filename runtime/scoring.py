@@ -99,21 +99,16 @@ def add_scoring_ids(
         raise InvalidRequest(
             f"token ids for this strategy's echo must be in the main member {main!r}'s vocabulary"
         )
-    table = core.ctx.table(main)
-    data = [table.token_bytes(i) for i in ids[1:]]
-    if not all(data):
-        raise InvalidRequest("a special token after the first prompt id cannot be scored by this strategy")
-    head = str(core.members[vocab].tokenizer.decode(ids[:1]))
-    context = Prompt(text=head, token_ids=ids[:1], token_vocab=vocab)
+    context, given = core.token_id_pieces(vocab, ids)
     options = options or RequestOptions()
     name = options.strategy or core.default_strategy
     scored_as = fusion.strategy_class(name).scoring_strategy()
     if scored_as is None or fusion.strategy_class(scored_as).scores_text:
-        return add_scoring(core, context, b"".join(data).decode("utf-8", errors="replace"), options)
+        return add_scoring(core, context, b"".join(p.data for p in given).decode("utf-8", errors="replace"), options)
     scoring_options = RequestOptions(
         strategy=scored_as, weights=options.weights, gate=options.gate, logprobs=max(options.logprobs or 0, 1)
     )
-    pieces = [Candidate(piece, main, i) for piece, i in zip(data, ids[1:], strict=True)]
+    pieces = [Candidate(p.data, main, i) for p, i in zip(given, ids[1:], strict=True)]
     params = SamplingParams(temperature=0.0, max_tokens=len(pieces), ignore_eos=True)
     return core.add(context, params, scoring_options, forced=pieces)
 

@@ -144,11 +144,15 @@ class MemberWorker:
                     result.echo_logprobs, result.echo_top = out.echo_logprobs, out.echo_top
                     result.echo_masses = out.echo_masses
                 if work.relative:
-                    result.relative = self.project(out.top_ids, out.top_logprobs)
-                    # What the main member needs to map this member's candidates into its vocabulary.
-                    top = out.top_ids[: self._relative_top_k].tolist()
-                    result.top_keys = [member_key(self.table, token_id) for token_id in top]
+                    self._add_relative(result)
         return [results[w.seq_id] for w in works]
+
+    def _add_relative(self, result: SeqResult) -> None:
+        """DeePEn: the result's relative vector, and the keys of its top tokens, which the main member
+        needs to map this member's candidates into its vocabulary."""
+        result.relative = self.project(result.top_ids, result.top_logprobs)
+        top = result.top_ids[: self._relative_top_k].tolist()
+        result.top_keys = [member_key(self.table, token_id) for token_id in top]
 
     def _echo_positions(self, work: SeqWork) -> list[SeqResult | None]:
         """Echo under DeePEn: this member's result before each piece (see runtime/echo_positions.py).
@@ -170,8 +174,7 @@ class MemberWorker:
                 continue
             result = SeqResult(work.seq_id, top_ids=out.top_ids, top_logprobs=out.top_logprobs, logprobs=out.logprobs)
             if work.relative:
-                result.relative = self.project(out.top_ids, out.top_logprobs)
-                result.top_keys = [member_key(self.table, t) for t in out.top_ids[: self._relative_top_k].tolist()]
+                self._add_relative(result)
             results.append(result)
         return results
 
