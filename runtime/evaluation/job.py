@@ -5,8 +5,7 @@ consort.deploy.jobs.eval`, `ray job submit ... -- python -m consort.deploy.jobs.
 it calls `main` here with the one thing that needs Ray, a function that starts the
 ensemble replicas. With `--local` the job runs in this process (`LocalBackend`).
 
-Backends take chunks of questions from a shared queue, several chunks in flight
-per backend so that its core keeps a full batch. Every answered question
+Backends take chunks of questions from a shared queue. Every answered question
 is appended to `predictions.jsonl` and flushed; a restart with the same `--out`
 reads it back and skips what is answered. `summary.json`, `results.md` and
 `results.png` are rewritten at the end of each task.
@@ -89,12 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run in this process, without Ray")
     p.add_argument("--address", help="Ray address (default: the job's cluster, or a new local Ray)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences the core steps together")
-    p.add_argument(
-        "--chunk-size",
-        type=int,
-        default=16,
-        help="questions handed to a replica at a time; max-batch // chunk-size chunks are in flight per replica",
-    )
+    p.add_argument("--chunk-size", type=int, default=16, help="questions handed to a replica at a time")
     p.add_argument(
         "--mc-vote",
         choices=["loglik", "letter"],
@@ -260,10 +254,6 @@ async def evaluate_task(
         queue.put_nowait(todo[i : i + args.chunk_size])
     bar = progress(len(todo), task, args.no_progress)
 
-    # Several chunks in flight per replica: a chunk finishes with its longest answer, and while its
-    # stragglers decode alone the core would otherwise step a nearly empty batch.
-    in_flight = max(1, args.max_batch // args.chunk_size)
-
     async def worker(backend: Backend) -> None:
         while not queue.empty():
             chunk = queue.get_nowait()
@@ -284,19 +274,17 @@ async def evaluate_task(
                 records = await answering.generation(
                     backend, chunk, args.strategy_names, weights, seed=args.seed, timing=timing
                 )
-            # The replica's time per question: the chunk's wall time shared by its questions and by the
-            # chunks that ran alongside it.
-            share = len(chunk) * in_flight
-            seconds = (time.perf_counter() - started) / share
+            seconds = (time.perf_counter() - started) / len(chunk)
             for record in records:
                 record["attempt"] = attempt
+                # Per question: the chunk's time shared equally (its questions were batched together).
                 record["seconds"] = round(seconds, 3)
-                record["phase_seconds"] = {k: round(v / share, 3) for k, v in timing.items()}
+                record["phase_seconds"] = {k: round(v / len(chunk), 3) for k, v in timing.items()}
                 store.append(record)
             bar.update(len(chunk))
 
     try:
-        await asyncio.gather(*(worker(b) for b in backends for _ in range(in_flight)))
+        await asyncio.gather(*(worker(b) for b in backends))
     finally:
         bar.close()
     return [q.id for q in questions]
