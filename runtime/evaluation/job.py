@@ -147,19 +147,41 @@ def eval_config(args: argparse.Namespace) -> EnsembleConfig:
     )
 
 
-def _fingerprint(config: EnsembleConfig, args: argparse.Namespace) -> dict[str, Any]:
-    """What must not change between a run and its restart (tasks and limit may: that extends the run)."""
+def _config_fingerprint(config: EnsembleConfig) -> dict[str, Any]:
     data = config.model_dump(mode="json")
     for member in data["members"]:
         member.pop("weight", None)  # calibration sets them; the calibration files are reused on restart
-    return {"config": data, "seed": args.seed, "mc_vote": args.mc_vote, "calibrate": args.calibrate}
+    return data
+
+
+def _fingerprint(config: EnsembleConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """What must not change between a run and its restart (tasks and limit may: that extends the run)."""
+    return {
+        "config": _config_fingerprint(config),
+        "seed": args.seed,
+        "mc_vote": args.mc_vote,
+        "calibrate": args.calibrate,
+    }
+
+
+def same_run(previous: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """Whether a restart continues the run that wrote `previous`. The stored config is read again
+    by today's code first: a config field added since then, at its default, is the same run (runs
+    take hours and outlive releases); any other difference is not."""
+    if previous is None or previous == current:
+        return previous is not None
+    try:
+        upgraded = {**previous, "config": _config_fingerprint(parse_config(previous["config"]))}
+    except (ConfigError, KeyError, TypeError):
+        return False
+    return upgraded == current
 
 
 def check_run_file(out: Path, fingerprint: dict[str, Any]) -> None:
     path = out / RUN_FILE
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous.get("fingerprint") != fingerprint:
+        if not same_run(previous.get("fingerprint"), fingerprint):
             raise ResultsError(
                 f"{out} holds results of a different configuration (see {path}); use another --out or remove it"
             )
@@ -168,7 +190,9 @@ def check_run_file(out: Path, fingerprint: dict[str, Any]) -> None:
         path.write_text(json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
 
 
-def start_backends(config: EnsembleConfig, args: argparse.Namespace, remote: StartBackends | None) -> list[Backend]:
+def start_backends(
+    config: EnsembleConfig, args: argparse.Namespace, remote: StartBackends | None
+) -> list[Backend]:
     if args.local:
         return [LocalBackend.start(config)]
     if remote is None:
