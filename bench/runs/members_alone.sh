@@ -9,7 +9,7 @@ run() {  # run MEMBER GROUP ARGS...
   local out=results/part3/$member/$group
   echo "$(date -Is) start $member $group $*" >> results/part3/timing.log
   local started=$SECONDS
-  .venv/bin/consort eval --local --config bench/runs/members_configs/$member.yaml --strategies members \
+  ${CONSORT:-.venv/bin/consort} eval --local --config bench/runs/members_configs/$member.yaml --strategies members \
     --out "$out" --no-progress "$@" >> results/part3/$member.$group.log 2>&1
   echo "$(date -Is) end $member $group rc=$? wall_s=$((SECONDS - started))" >> results/part3/timing.log
 }

@@ -12,7 +12,7 @@ for pair in $PAIRS; do
   out=results/pairs/$pair/mc
   echo "$(date -Is) start $pair mc" >> results/pairs/timing.log
   started=$SECONDS
-  .venv/bin/consort eval --local --config "bench/runs/pair_configs/$pair.yaml" --strategies mean \
+  ${CONSORT:-.venv/bin/consort} eval --local --config "bench/runs/pair_configs/$pair.yaml" --strategies mean \
     --tasks "$TASKS" --limit 300 --calibrate --calibrate-limit 200 --calibrate-step 0.1 \
     --out "$out" --no-progress >> "results/pairs/$pair.mc.log" 2>&1
   echo "$(date -Is) end $pair mc rc=$? wall_s=$((SECONDS - started))" >> results/pairs/timing.log
