@@ -13,17 +13,19 @@ values. No tokenizer is needed: prompts are random token ids.
 What it measures, per architecture (SmolLM2-135M llama, Gemma-3-270M gemma3, Qwen2.5-Coder-0.5B and
 -1.5B qwen2):
 
-* `engine`: `MemberEngine.step` (runtime/member.py, the eager path Consort runs today: dynamic
-  caches, packed rows, position masks, exact top-k to the host) at batch 1/4/16/32.
-* `static_eager` / `graph`: a static KV cache with one slot per sequence (the token at position p of
-  the sequence in slot b lives in column p of row b; a crop moves the slot's position back, no
-  copy), the decode step as one forward over all slots with masks computed from the slots'
-  positions (causal, and Gemma-3's sliding window, measured in positions), top-k and the log-softmax
-  normaliser on the device, then copied to the host as the engine does. `graph` captures that step
-  as one CUDA graph per batch bucket (manual `torch.cuda.CUDAGraph`, as gpt-fast and vLLM do) and
-  replays it: no compile step or Triton needed on the lent machine, no recompiles, and the replay
-  runs the eager step's own kernels (no compiler in between), so it matches the uncaptured step.
-* `check`: greedy tokens, in float32, of the engine, the static step and its graph replay, over
+* `engine`: `MemberEngine.step` with its default dynamic caches (runtime/member.py, the eager path
+  Consort runs on CPUs: dynamic caches, packed rows, position masks, exact top-k to the host) at batch
+  1/4/16/32.
+* `static_eager` / `graph`: `MemberEngine.step` in static mode (runtime/static_cache.py): a static KV
+  cache with one slot per sequence (the token at position p of the sequence in slot b lives in column
+  p of row b; a crop moves the slot's length back, no copy), the decode step as one forward over a
+  batch bucket of slots with masks computed from the slots' positions (causal, and Gemma-3's sliding
+  window, measured in positions), then the engine's own outputs (top-k and log-softmax normaliser on
+  the device, copied to the host). `graph` replays that step as one CUDA graph per batch and length
+  bucket (manual `torch.cuda.CUDAGraph`, as gpt-fast and vLLM do): no compile step or Triton needed
+  on the lent machine, no recompiles, and the replay runs the eager step's own kernels, so it matches
+  the uncaptured step. A rehearsal before each measurement captures every graph it will replay.
+* `check`: greedy tokens, in float32, of the dynamic engine, the static one and its graph replay, over
   ragged prompts (Gemma-3's longer than its sliding window, so the window is crossed) and a crop of
   one sequence mid-way (the alignment's case); they must agree token for token.
 
@@ -46,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,13 +57,14 @@ from typing import Any
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from consort.runtime.member import MemberEngine
+from consort.runtime.static_cache import StaticCacheOptions
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 ARCHITECTURES = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 PAIR = ("smollm2-135m", "gemma3-270m")  # the default ensemble
+PROMPT = 64  # prompt tokens of the timed sequences
 BATCHES = (1, 4, 16, 32)
 TOP_K = 64
 # Targets of issue 19 for a member's decode step (ms at batch 1), and batch 32 against batch 1.
@@ -83,7 +87,11 @@ def load_config(arch: str, tiny: bool) -> Any:
         config.head_dim = 16
         if getattr(config, "layer_types", None) is not None:
             kinds = set(config.layer_types)
-            both = ["sliding_attention", "full_attention"] if "sliding_attention" in kinds else ["full_attention"] * 2
+            both = (
+                ["sliding_attention", "full_attention"]
+                if "sliding_attention" in kinds
+                else ["full_attention"] * 2
+            )
             config.layer_types = both
         if getattr(config, "sliding_window", None):
             config.sliding_window = 8  # crossed by the check's prompts
@@ -100,10 +108,17 @@ def build(arch: str, tiny: bool, device: str, dtype: torch.dtype, seed: int = 0)
     return model.eval()
 
 
-def engine_of(model: Any, device: str) -> MemberEngine:
+def engine_of(model: Any, device: str, static_cache: StaticCacheOptions | None = None) -> MemberEngine:
     config = model.config
     stand_in = SimpleNamespace(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
-    return MemberEngine(model, stand_in, name=config.model_type, device=device)
+    return MemberEngine(model, stand_in, name=config.model_type, device=device, static_cache=static_cache)
+
+
+def static_engine(model: Any, device: str, batch: int, longest: int, graph: bool) -> MemberEngine:
+    """`MemberEngine` in static mode: `batch` slots (one batch bucket), each holding `longest` tokens
+    from the start, so no capacity growth (a copy and a recapture) falls inside a measurement."""
+    options = StaticCacheOptions(max_slots=batch, max_len=longest, initial_len=longest, cuda_graphs=graph)
+    return engine_of(model, device, options)
 
 
 def prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
@@ -114,168 +129,6 @@ def prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-# -- the static-cache decode step --------------------------------------------------------------------
-
-
-class SlotLayer(CacheLayerMixin):
-    """One layer's K/V for a fixed number of slots of `max_len` positions each, allocated once.
-
-    The token at position p of the sequence in slot b lives in column p of row b: no padding, no
-    holes. A decode step writes each slot's new K/V at that slot's own position (`positions`, one
-    device tensor shared by every layer), so a step's shapes never change and it can be captured.
-    """
-
-    is_compileable = True
-    is_croppable = True
-    is_sliding = False  # windowing is the mask's job: a sliding layer keeps every position (exact crops)
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        super().__init__()
-        self.keys, self.values = keys, values
-        self.positions = positions
-        self.rows = torch.arange(keys.shape[0], device=keys.device)
-        self.max_len = keys.shape[2]
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise RuntimeError("slot layers are allocated up front, never lazily")
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if key_states.shape[2] != 1:
-            raise ValueError("the static step feeds one token per slot; prefill and catch-up run eagerly")
-        assert self.keys is not None and self.values is not None
-        self.keys[self.rows, :, self.positions] = key_states[:, :, 0]
-        self.values[self.rows, :, self.positions] = value_states[:, :, 0]
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.max_len, 0
-
-    def get_seq_length(self) -> int:
-        raise RuntimeError("slot positions differ per row: the static step always passes position_ids")
-
-    def get_max_length(self) -> int:
-        return self.max_len
-
-
-class StaticDecoder:
-    """Decode steps over `batch` slots with a static KV cache; eager, or replayed as a CUDA graph.
-
-    Prefill runs eagerly, one sequence at a time, into a dynamic cache whose K/V is then copied
-    into the slot. The step's inputs are device buffers (`ids`, `positions`) updated in place, and
-    the step ends by writing its greedy token into `ids` and advancing `positions` (gpt-fast style);
-    a crop, or the ensemble's own token, is a write into those buffers before the next step.
-    """
-
-    def __init__(self, model: Any, batch: int, max_len: int, device: str, top_k: int = TOP_K) -> None:
-        self.model = model
-        self.device = device
-        self.config = model.config.get_text_config(decoder=True)
-        dtype = next(model.parameters()).dtype
-        heads = self.config.num_key_value_heads
-        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.columns = torch.arange(max_len, device=device)
-        layers = [
-            SlotLayer(
-                torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device),
-                torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device),
-                self.positions,
-            )
-            for _ in range(self.config.num_hidden_layers)
-        ]
-        self.cache = Cache(layers=layers)
-        self.top_k = min(top_k, self.config.vocab_size)
-        self.top_values = torch.zeros(batch, self.top_k, device=device)
-        self.top_ids = torch.zeros(batch, self.top_k, dtype=torch.long, device=device)
-        self.window = getattr(self.config, "sliding_window", None)
-        self.layer_types = getattr(self.config, "layer_types", None)
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-    @torch.inference_mode()
-    def prefill(self, slot: int, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fill a slot with a prompt's K/V; returns the next token's top-k log-probs and ids, on the
-        host (the greedy token, the first id, is placed in `ids`)."""
-        cache = DynamicCache()
-        input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        logits = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits
-        for layer, source in zip(self.cache.layers, cache.layers, strict=True):
-            assert layer.keys is not None and layer.values is not None
-            layer.keys[slot, :, : len(tokens)] = source.keys[0]
-            layer.values[slot, :, : len(tokens)] = source.values[0]
-        values, ids = logits[0, -1].float().log_softmax(-1).topk(self.top_k)
-        self.positions[slot] = len(tokens)
-        self.ids[slot, 0] = ids[0]
-        return values.cpu(), ids.cpu()
-
-    def crop(self, slot: int, tokens: list[int], keep: int) -> None:
-        """Keep the first `keep` tokens of a slot: re-run the last kept one at the next step."""
-        self.positions[slot] = keep - 1
-        self.ids[slot, 0] = tokens[keep - 1]
-
-    def _masks(self) -> torch.Tensor | dict[str, torch.Tensor]:
-        query = self.positions[:, None]
-        causal = self.columns[None, :] <= query  # [B, L]: this step's own column included
-        full = causal[:, None, None, :]
-        if self.layer_types is None:
-            if self.window is not None:
-                return (causal & (query - self.columns[None, :] < self.window))[:, None, None, :]
-            return full
-        masks = {}
-        for kind in set(self.layer_types):
-            if kind == "sliding_attention":
-                masks[kind] = (causal & (query - self.columns[None, :] < self.window))[:, None, None, :]
-            else:
-                masks[kind] = full
-        return masks
-
-    def _step(self) -> None:
-        logits = self.model(
-            input_ids=self.ids,
-            position_ids=self.positions[:, None],
-            attention_mask=self._masks(),
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        last = logits[:, -1, :].float()
-        values, ids = last.topk(self.top_k, dim=-1)
-        self.top_values.copy_(values - last.logsumexp(dim=-1, keepdim=True))
-        self.top_ids.copy_(ids)
-        self.ids.copy_(ids[:, :1])
-        self.positions.add_(1)
-
-    @torch.inference_mode()
-    def capture(self) -> None:
-        """Record the step as a CUDA graph (after warm-up runs on a side stream, which leave the
-        slots' positions and next tokens as they were)."""
-        saved_positions, saved_ids = self.positions.clone(), self.ids.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.positions.copy_(saved_positions)
-        self.ids.copy_(saved_ids)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step()
-        self.graph = graph
-        self.positions.copy_(saved_positions)
-        self.ids.copy_(saved_ids)
-
-    @torch.inference_mode()
-    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step over every slot; the top-k log-probs and ids, on the host (as the engine)."""
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._step()
-        return self.top_values.cpu(), self.top_ids.cpu()
 
 
 # -- greedy equality -----------------------------------------------------------------------------------
@@ -312,8 +165,11 @@ class Greedy:
             for step_a, step_b in zip(mine, theirs, strict=True)
             for a, b in zip(step_a, step_b, strict=True)
         ]
-        return {"tokens_equal": self.tokens == other.tokens, "top5_equal": self.top5 == other.top5,
-                "max_logprob_gap": max(gaps)}
+        return {
+            "tokens_equal": self.tokens == other.tokens,
+            "top5_equal": self.top5 == other.top5,
+            "max_logprob_gap": max(gaps),
+        }
 
 
 def greedy_engine(engine: MemberEngine, rows: list[list[int]], before: int, after: int, crop: int) -> Greedy:
@@ -337,20 +193,8 @@ def greedy_engine(engine: MemberEngine, rows: list[list[int]], before: int, afte
 def greedy_static(
     model: Any, rows: list[list[int]], before: int, after: int, crop: int, device: str, graph: bool
 ) -> Greedy:
-    decoder = StaticDecoder(model, len(rows), max(len(r) for r in rows) + before + after + 2, device)
-    out = Greedy.empty(len(rows))
-    texts = [list(tokens) for tokens in rows]
-    for i, tokens in enumerate(rows):
-        texts[i].append(out.add(i, *decoder.prefill(i, tokens)))
-    if graph:
-        decoder.capture()
-    for step in range(1, before + after):
-        if step == before:
-            decoder.crop(0, texts[0], len(texts[0]) - crop)
-        values, ids = decoder.step()
-        for i in range(len(rows)):
-            texts[i].append(out.add(i, values[i], ids[i]))
-    return out
+    longest = max(len(r) for r in rows) + before + after + 2
+    return greedy_engine(static_engine(model, device, len(rows), longest, graph), rows, before, after, crop)
 
 
 def check(arch: str, model: Any, device: str, graph: bool) -> dict[str, Any]:
@@ -370,11 +214,17 @@ def check(arch: str, model: Any, device: str, graph: bool) -> dict[str, Any]:
     if static.tokens != engine.tokens:
         result["static_tokens"] = static.tokens
     if graph:
+        longest = max(len(r) for r in rows) + before + after + 2
+        graphed = static_engine(model, device, len(rows), longest, graph=True)
         try:
-            replayed = greedy_static(model, rows, before, after, crop, device, graph=True)
-        except RuntimeError as error:  # a capture that fails is a finding: recorded, the rest goes on
+            replayed = greedy_engine(graphed, rows, before, after, crop)
+        except RuntimeError as error:  # a failure is a finding: recorded, the rest goes on
             result["graph_error"] = f"{type(error).__name__}: {error}"
             return result
+        if graphed.graph_error is not None:  # the engine fell back to eager steps: same numbers, no graphs
+            result["graph_error"] = graphed.graph_error
+        result["graph_captures"] = graphed.stats.graph_captures
+        result["graph_replays"] = graphed.stats.graph_replays
         result["graph_vs_engine"] = replayed.compare(engine)
         result["graph_vs_static"] = replayed.compare(static)
         if replayed.tokens != engine.tokens:
@@ -385,12 +235,15 @@ def check(arch: str, model: Any, device: str, graph: bool) -> dict[str, Any]:
 # -- timing --------------------------------------------------------------------------------------------
 
 
-def time_engine(model: Any, device: str, batch: int, warmup: int, steps: int) -> float:
-    engine = engine_of(model, device)
-    config = model.config.get_text_config(decoder=True)
-    rows = prompts(config.vocab_size, [64] * batch, seed=2)
+def decoding(engine: MemberEngine, batch: int, total: int, seed: int) -> Callable[[], None]:
+    """A callable taking one greedy decode step of `batch` sequences (64-token prompts, prefilled here).
+
+    A static engine first rehearses `total` steps and crops its sequences back (a crop only moves the
+    slots' lengths), so the CUDA graph of every length bucket the measured steps reach is captured
+    before they run.
+    """
     ids = [f"s{i}" for i in range(batch)]
-    for seq_id, tokens in zip(ids, rows, strict=True):
+    for seq_id, tokens in zip(ids, prompts(engine.vocab_size, [PROMPT] * batch, seed=seed), strict=True):
         engine.add(seq_id, tokens)
 
     def one() -> None:
@@ -398,41 +251,40 @@ def time_engine(model: Any, device: str, batch: int, warmup: int, steps: int) ->
         for seq_id in ids:
             engine.extend(seq_id, [int(results[seq_id].top_ids[0])])
 
-    try:
-        for _ in range(warmup + 1):  # the first is the prefill
+    one()  # the prefill
+    if engine.kv_cache == "static":
+        for _ in range(total):
             one()
-        sync(device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            one()
-        sync(device)
-        return 1000 * (time.perf_counter() - started) / steps
-    finally:
         for seq_id in ids:
-            engine.remove(seq_id)
+            engine.crop(seq_id, PROMPT + 1)
+    return one
 
 
-def static_decoder(model: Any, device: str, batch: int, steps: int, graph: bool) -> StaticDecoder:
-    config = model.config.get_text_config(decoder=True)
-    rows = prompts(config.vocab_size, [64] * batch, seed=2)
-    decoder = StaticDecoder(model, batch, 64 + 2 * steps + 16, device)
-    for i, tokens in enumerate(rows):
-        decoder.prefill(i, tokens)
-    if graph:
-        decoder.capture()
-    return decoder
-
-
-def time_static(model: Any, device: str, batch: int, warmup: int, steps: int, graph: bool) -> float:
-    decoder = static_decoder(model, device, batch, warmup + steps, graph)
+def time_engine(
+    model: Any, device: str, batch: int, warmup: int, steps: int, static: bool = False, graph: bool = False
+) -> float:
+    """ms per decode step of `MemberEngine` at this batch: dynamic caches, or static slots (eager or graphs)."""
+    total = warmup + steps
+    if static:
+        engine = static_engine(model, device, batch, PROMPT + total + 4, graph)
+    else:
+        engine = engine_of(model, device)
+    one = decoding(engine, batch, total, seed=2)
     for _ in range(warmup):
-        decoder.step()
+        one()
     sync(device)
     started = time.perf_counter()
     for _ in range(steps):
-        decoder.step()
+        one()
     sync(device)
-    return 1000 * (time.perf_counter() - started) / steps
+    ms = 1000 * (time.perf_counter() - started) / steps
+    if graph and engine.graph_error is not None:
+        raise RuntimeError(f"CUDA graph capture failed, the steps ran eagerly: {engine.graph_error}")
+    return ms
+
+
+def time_static(model: Any, device: str, batch: int, warmup: int, steps: int, graph: bool) -> float:
+    return time_engine(model, device, batch, warmup, steps, static=True, graph=graph)
 
 
 # -- sharing one device --------------------------------------------------------------------------------
@@ -460,24 +312,20 @@ def share_worker(args: argparse.Namespace) -> None:
             run()
         sync(device)
         ms = 1000 * (time.perf_counter() - started) / args.steps
-    Path(args.result).write_text(json.dumps({"arch": args.share_worker, "mode": args.mode, "ms_per_step": ms}))
+    Path(args.result).write_text(
+        json.dumps({"arch": args.share_worker, "mode": args.mode, "ms_per_step": ms})
+    )
 
 
-def stepper(model: Any, device: str, mode: str, steps: int) -> Any:
-    """A callable that takes one batch-1 decode step of `model` the way `mode` says."""
-    config = model.config.get_text_config(decoder=True)
+def stepper(model: Any, device: str, mode: str, steps: int) -> Callable[[], None]:
+    """A callable that takes one batch-1 decode step of `model` the way `mode` says (engine: dynamic
+    caches; static_eager, graph: static slots), good for 10 + 2 × `steps` calls."""
+    total = 2 * steps + 20
     if mode == "engine":
         engine = engine_of(model, device)
-        engine.add("s", prompts(config.vocab_size, [64], seed=3)[0])
-
-        def engine_step() -> None:
-            result = engine.step(["s"], top_k=TOP_K)["s"]
-            engine.extend("s", [int(result.top_ids[0])])
-
-        engine_step()  # prefill
-        return engine_step
-    decoder = static_decoder(model, device, 1, steps + 64, graph=mode == "graph")
-    return decoder.step
+    else:
+        engine = static_engine(model, device, 1, PROMPT + total + 4, graph=mode == "graph")
+    return decoding(engine, 1, total, seed=3)
 
 
 def run_pair(args: argparse.Namespace, mode: str, env: dict[str, str]) -> dict[str, Any]:
@@ -486,9 +334,23 @@ def run_pair(args: argparse.Namespace, mode: str, env: dict[str, str]) -> dict[s
         procs = []
         for arch in PAIR:
             command = [
-                sys.executable, "-m", "bench.gpu_step", "--share-worker", arch, "--mode", mode,
-                "--steps", str(args.share_steps), "--warmup", "10", "--sync-dir", sync_dir,
-                "--result", str(Path(sync_dir) / f"{arch}.json"), "--device", args.device,
+                sys.executable,
+                "-m",
+                "bench.gpu_step",
+                "--share-worker",
+                arch,
+                "--mode",
+                mode,
+                "--steps",
+                str(args.share_steps),
+                "--warmup",
+                "10",
+                "--sync-dir",
+                sync_dir,
+                "--result",
+                str(Path(sync_dir) / f"{arch}.json"),
+                "--device",
+                args.device,
             ] + (["--tiny"] if args.tiny else [])
             procs.append(subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1]))
         deadline = time.monotonic() + 180
@@ -503,7 +365,9 @@ def run_pair(args: argparse.Namespace, mode: str, env: dict[str, str]) -> dict[s
         codes = [p.wait(timeout=300) for p in procs]
         if any(codes):
             raise RuntimeError(f"share workers failed with exit codes {codes}")
-        return {arch: json.loads((Path(sync_dir) / f"{arch}.json").read_text())["ms_per_step"] for arch in PAIR}
+        return {
+            arch: json.loads((Path(sync_dir) / f"{arch}.json").read_text())["ms_per_step"] for arch in PAIR
+        }
 
 
 def in_process_pair(models: dict[str, Any], device: str, mode: str, steps: int) -> dict[str, float]:
@@ -612,25 +476,42 @@ def bench_architecture(arch: str, args: argparse.Namespace, report: Report) -> d
         timing["graph"] = {}
     for batch in args.batches:
         if report.elapsed() > args.budget_s:
-            report.skipped.append(f"{arch} batch {batch} and after: past the time budget ({args.budget_s:g} s)")
+            report.skipped.append(
+                f"{arch} batch {batch} and after: past the time budget ({args.budget_s:g} s)"
+            )
             break
         timing["engine"][str(batch)] = time_engine(model, device, batch, args.warmup, args.steps)
-        timing["static_eager"][str(batch)] = time_static(model, device, batch, args.warmup, args.steps, graph=False)
+        timing["static_eager"][str(batch)] = time_static(
+            model, device, batch, args.warmup, args.steps, graph=False
+        )
         if cuda and "graph_error" not in out:
             try:
-                timing["graph"][str(batch)] = time_static(model, device, batch, args.warmup, args.steps, graph=True)
+                timing["graph"][str(batch)] = time_static(
+                    model, device, batch, args.warmup, args.steps, graph=True
+                )
             except RuntimeError as error:
                 out["graph_error"] = f"batch {batch}: {type(error).__name__}: {error}"
-        print(f"{arch} batch {batch}: " + ", ".join(f"{k} {v[str(batch)]:.2f} ms" for k, v in timing.items()), flush=True)
+        print(
+            f"{arch} batch {batch}: " + ", ".join(f"{k} {v[str(batch)]:.2f} ms" for k, v in timing.items()),
+            flush=True,
+        )
     out["timing_ms_per_step"] = timing
     best = timing.get("graph") or timing["static_eager"]
     if "1" in best:
         targets: dict[str, Any] = {}
         if arch in TARGET_B1_MS:
-            targets["b1_ms"] = {"value": best["1"], "target": TARGET_B1_MS[arch], "met": best["1"] <= TARGET_B1_MS[arch]}
+            targets["b1_ms"] = {
+                "value": best["1"],
+                "target": TARGET_B1_MS[arch],
+                "met": best["1"] <= TARGET_B1_MS[arch],
+            }
         if "32" in best:
             ratio = best["32"] / best["1"]
-            targets["b32_over_b1"] = {"value": ratio, "target": TARGET_B32_OVER_B1, "met": ratio <= TARGET_B32_OVER_B1}
+            targets["b32_over_b1"] = {
+                "value": ratio,
+                "target": TARGET_B32_OVER_B1,
+                "met": ratio <= TARGET_B32_OVER_B1,
+            }
         out["targets_on_" + ("graph" if "graph" in timing else "static_eager")] = targets
     del model
     if cuda:
@@ -679,7 +560,9 @@ def bench_sharing(args: argparse.Namespace, report: Report) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "./bench_out"), help="folder of gpu_step.json")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU check of the script)")
@@ -688,7 +571,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps per measurement")
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--share-steps", type=int, default=200)
-    parser.add_argument("--budget-s", type=float, default=420.0, help="start nothing new after this many seconds")
+    parser.add_argument(
+        "--budget-s", type=float, default=420.0, help="start nothing new after this many seconds"
+    )
     parser.add_argument("--no-sharing", action="store_true")
     # A sharing worker (started by the benchmark itself).
     parser.add_argument("--share-worker", help=argparse.SUPPRESS)
@@ -724,7 +609,9 @@ def main(argv: list[str] | None = None) -> None:
         except (RuntimeError, OSError, subprocess.SubprocessError) as error:
             report.errors.append(f"sharing: {type(error).__name__}: {error}")
     path = write(args, report)
-    print(f"wrote {path} in {report.elapsed():.0f} s; skipped: {report.skipped or 'nothing'}; errors: {report.errors or 'none'}")
+    print(
+        f"wrote {path} in {report.elapsed():.0f} s; skipped: {report.skipped or 'nothing'}; errors: {report.errors or 'none'}"
+    )
 
 
 def write(args: argparse.Namespace, report: Report) -> Path:

@@ -38,6 +38,17 @@ class MemberConfig(BaseModel):
     )
     num_cpus: float = Field(default=1.0, gt=0.0, description="CPUs reserved for this member's actor.")
     threads: int = Field(default=1, ge=1, description="torch intra-op threads on CPU.")
+    kv_cache: Literal["auto", "dynamic", "static"] = Field(
+        default="auto",
+        description=(
+            "Where the member keeps its sequences' keys and values. dynamic: a growing cache per "
+            "sequence, packed into one batch per step (the CPU path); static: one preallocated slot per "
+            "sequence (up to 2 × max_batch sequences hold one; the least recently stepped gives it up and "
+            "is recomputed later), the one-token decode step replayed as a CUDA graph on a GPU; auto: "
+            "dynamic, until the static path's graph replay has been checked on a GPU. Both give the same "
+            "outputs."
+        ),
+    )
 
 
 class GateConfig(BaseModel):

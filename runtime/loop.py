@@ -15,6 +15,7 @@ from consort.runtime.core import EnsembleCore
 from consort.runtime.member import MemberEngine
 from consort.runtime.prompts import Prompt
 from consort.runtime.sampling import SamplingParams
+from consort.runtime.static_cache import StaticCacheOptions
 from consort.runtime.types import (
     Completion,
     Delta,
@@ -75,12 +76,33 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
+def static_cache_options(kv_cache: str, device: str, max_batch: int) -> StaticCacheOptions | None:
+    """The member engine's static-cache options for a member's `kv_cache` setting; None: dynamic caches.
+
+    auto is the dynamic path everywhere for now: the static path equals it on the CPU (tests), but
+    its CUDA-graph replay has not yet run on a GPU, and a default must be what has been checked.
+    Twice max_batch slots leave room for riders and forks beyond the sequences stepped together.
+    """
+    if kv_cache not in ("auto", "dynamic", "static"):
+        raise ValueError(f"kv_cache must be 'auto', 'dynamic' or 'static', got {kv_cache!r}")
+    if kv_cache in ("auto", "dynamic"):
+        return None
+    return StaticCacheOptions(max_slots=2 * max_batch)
+
+
 def load_worker(config: EnsembleConfig, name: str, device: str = "cpu", model_and_tokenizer: Any = None) -> MemberWorker:
     member = next(m for m in config.members if m.name == name)
     if model_and_tokenizer is None:
         model_and_tokenizer = models.load(member.model, device=device, dtype=resolve_dtype(member.dtype, device))
     model, tokenizer = model_and_tokenizer
-    engine = MemberEngine(model, tokenizer, name=name, device=device, max_context=config.max_context)
+    engine = MemberEngine(
+        model,
+        tokenizer,
+        name=name,
+        device=device,
+        max_context=config.max_context,
+        static_cache=static_cache_options(member.kv_cache, device, config.max_batch),
+    )
     return MemberWorker(name, engine, top_k=config.top_k)
 
 

@@ -26,6 +26,15 @@ window impossible; the mask does the windowing instead. The price: sliding layer
 keep (and attend over, masked) every position, so past the window they cost what a
 full-attention layer costs.
 
+A third, opt-in (`static_cache=StaticCacheOptions(...)`; the config's `kv_cache`): slots of a
+static cache (runtime/static_cache.py), one per sequence, the token at position p in column p.
+Every forward then runs over slots: prefills, catch-ups, echoes and riders eagerly (one batched
+forward, K/V written straight into the slots' columns), and the plain decode step, one new token
+per sequence, as one fixed-shape forward over a batch bucket that a GPU replays as a CUDA graph.
+`crop` is a new length, `fork` a copy of columns; when every slot is taken, the least recently
+stepped sequence is evicted and recomputed from its tokens when it next steps. The outputs are the
+dynamic path's (same masks in positions, same output code), to float rounding.
+
 Costs to know: `echo` keeps the logits of every fed position of the step
 (batch × widest feed × vocabulary floats); a forward that raises drops the caches of
 the sequences involved (they are recomputed from their tokens next step) and
@@ -45,6 +54,15 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from consort.runtime.errors import InvalidRequest, PromptTooLong
+from consort.runtime.static_cache import (
+    SlotCache,
+    SlotDecoder,
+    StaticCacheOptions,
+    batch_buckets,
+    choose_bucket,
+    length_bucket,
+    slot_masks,
+)
 
 _SUPPORTED_ATTENTION = ("sdpa", "eager")
 _SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
@@ -82,6 +100,11 @@ class EngineStats:
     tokens_fed: int = 0  # tokens run through the model, re-fed ones included
     repacks: int = 0  # batched caches built
     shared_prompts: int = 0  # prefills saved by copying another new sequence's identical prompt cache
+    static_decodes: int = 0  # static cache: one-token steps over a batch bucket (replayed or eager)
+    graph_captures: int = 0  # static cache: CUDA graphs captured (one per batch and length bucket)
+    graph_replays: int = 0
+    slot_moves: int = 0  # static cache: K/V copied slot to slot (placement, forks, shared prompts)
+    evictions: int = 0  # static cache: sequences whose K/V was dropped for want of a slot
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -90,8 +113,8 @@ class EngineStats:
 @dataclass
 class _Sequence:
     tokens: list[int]
-    cached: int = 0  # tokens[:cached] have K/V in a cache
-    cache: DynamicCache | None = None  # solo cache; None while packed or empty
+    cached: int = 0  # tokens[:cached] have K/V in a cache (their slot, in static mode)
+    cache: DynamicCache | None = None  # solo cache; None while packed or empty, always None in static mode
 
 
 @dataclass
@@ -177,6 +200,7 @@ class MemberEngine:
         name: str = "member",
         device: str = "cpu",
         max_context: int | None = None,
+        static_cache: StaticCacheOptions | None = None,
     ) -> None:
         self.name = name
         self.model = model
@@ -194,6 +218,54 @@ class MemberEngine:
         self._packed: _Packed | None = None
         # Models that scale their logits some other way get the whole output layer and keep the rows they need.
         self._head_on_rows = not any(hasattr(self._config, a) for a in ("logits_scaling", "logit_scale"))
+        self._slots: SlotCache | None = None
+        self._decoder: SlotDecoder | None = None
+        self._buckets: tuple[int, ...] = ()
+        if static_cache is not None:
+            self._init_static(static_cache)
+
+    def _init_static(self, options: StaticCacheOptions) -> None:
+        cuda_graphs = self.device.type == "cuda" if options.cuda_graphs is None else options.cuda_graphs
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(
+                f"member {self.name!r}: cuda_graphs=True needs a CUDA device, the engine runs on {self.device}; "
+                "leave cuda_graphs unset (None) to capture only on CUDA"
+            )
+        # A slot holds at most max_len tokens: the member's context window shrinks to it, so a longer
+        # sequence is refused up front (PromptTooLong) rather than failing mid-step.
+        self.max_context = min(self.max_context, options.max_len or self.max_context)
+        self._slots = SlotCache(
+            self._config,
+            max_slots=options.max_slots,
+            max_len=self.max_context,
+            initial_len=options.initial_len,
+            device=self.device,
+            dtype=self._dtype,
+        )
+        self._decoder = SlotDecoder(
+            self.model,
+            self._slots,
+            pad_id=self._pad_id,
+            vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
+            masks=self._slot_masks,
+            cuda_graphs=cuda_graphs,
+        )
+        self._buckets = batch_buckets(options.max_slots)
+
+    @property
+    def kv_cache(self) -> str:
+        """Where this engine keeps its sequences' K/V: "static" (slots) or "dynamic"."""
+        return "dynamic" if self._slots is None else "static"
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps are replayed as CUDA graphs (static mode on CUDA, no failed capture)."""
+        return self._decoder is not None and self._decoder.cuda_graphs and self._decoder.capture_error is None
+
+    @property
+    def graph_error(self) -> str | None:
+        """Why a CUDA graph capture failed (decode steps then run eagerly, same numbers); None if none did."""
+        return None if self._decoder is None else self._decoder.capture_error
 
     # ------------------------------------------------------------------ setup
 
@@ -257,6 +329,8 @@ class MemberEngine:
         """Forget a sequence and free its cache; unknown ids are ignored (cancellation may race)."""
         if self._seqs.pop(seq_id, None) is None:
             return
+        if self._slots is not None:
+            self._slots.free(seq_id)
         packed = self._packed
         if packed is not None and seq_id in packed.row_of:
             packed.rows[packed.row_of.pop(seq_id)] = None
@@ -276,15 +350,54 @@ class MemberEngine:
         if new_id in self._seqs:
             raise ValueError(f"sequence {new_id!r} already exists in member {self.name!r}")
         if not 0 <= keep <= len(source.tokens):
-            raise ValueError(f"cannot fork {keep} tokens of sequence {seq_id!r}, which holds {len(source.tokens)}")
+            raise ValueError(
+                f"cannot fork {keep} tokens of sequence {seq_id!r}, which holds {len(source.tokens)}"
+            )
+        if self._slots is not None:
+            self._fork_static(seq_id, new_id, keep)
+            return
         if self._packed is not None and seq_id in self._packed.row_of:
             self._unpack()
         cached = min(keep, source.cached) if source.cache is not None else 0
         cache = None
         if cached:
             assert source.cache is not None
-            cache = _cache_of([(k[:, :, :cached].clone(), v[:, :, :cached].clone()) for k, v in _kv(source.cache)])
+            cache = _cache_of(
+                [(k[:, :, :cached].clone(), v[:, :, :cached].clone()) for k, v in _kv(source.cache)]
+            )
         self._seqs[new_id] = _Sequence(tokens=source.tokens[:keep], cached=cached, cache=cache)
+
+    def _fork_static(self, seq_id: str, new_id: str, keep: int) -> None:
+        source = self._seqs[seq_id]
+        seq = _Sequence(tokens=source.tokens[:keep])
+        self._seqs[new_id] = seq
+        cached = min(keep, source.cached)
+        if cached and self._copy_cache(seq_id, new_id, cached, protect={seq_id}):
+            seq.cached = cached
+        # Else no slot was free without evicting the source: the fork is recomputed at its first step.
+
+    def _copy_cache(self, source_id: str, dest_id: str, count: int, protect: set[str]) -> bool:
+        """Give `dest_id` a copy of the first `count` cached tokens of `source_id`; False if it could not
+        (static mode with every slot held by `protect`): `dest_id` then stays uncached."""
+        if self._slots is None:
+            source = self._seqs[source_id]
+            assert source.cache is not None
+            self._seqs[dest_id].cache = _cache_of(
+                [(k[:, :, :count].clone(), v[:, :, :count].clone()) for k, v in _kv(source.cache)]
+            )
+            return True
+        evicted = self._slots.allocate(dest_id, protect={source_id, *protect})
+        if evicted is None:
+            return False
+        self._uncache(evicted)
+        self._slots.copy_prefix(source_id, dest_id, count)
+        self._sync_slot_stats()
+        return True
+
+    def _uncache(self, seq_ids: Collection[str]) -> None:
+        """Static mode: these sequences lost their slot; their tokens are recomputed at their next step."""
+        for seq_id in seq_ids:
+            self._seqs[seq_id].cached = 0
 
     def token_ids(self, seq_id: str) -> list[int]:
         return list(self._get(seq_id).tokens)
@@ -315,6 +428,8 @@ class MemberEngine:
         """Forget the K/V of the last `count` cached tokens (they become pending again if kept)."""
         seq = self._seqs[seq_id]
         seq.cached -= count
+        if self._slots is not None:
+            return  # the slot's columns past `cached` are dead: masked, then overwritten by the next tokens
         packed = self._packed
         if packed is not None and seq_id in packed.row_of:
             row = packed.positions[packed.row_of[seq_id]]
@@ -388,9 +503,17 @@ class MemberEngine:
         seq = self._seqs[seq_id]
         return _Feed(seq_id, seq.cached, seq.tokens[seq.cached :], None)
 
-    def _forward(self, feeds: list[_Feed], keep: int, head: set[str] | None = None) -> tuple[torch.Tensor, list[int]]:
+    def _forward(
+        self, feeds: list[_Feed], keep: int, head: set[str] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Logits of the last `keep` positions of the feeds in `head` (None: all), and each feed's row in them (-1: none)."""
         ids = [f.seq_id for f in feeds]
+        if self._slots is not None:
+            try:
+                return self._forward_static(feeds, keep, head)
+            except BaseException:
+                self._forget_caches(ids)
+                raise
         started = time.perf_counter()
         try:
             if len(feeds) == 1:
@@ -421,17 +544,18 @@ class MemberEngine:
         if len(shared) > 1:
             self._unpack()  # the prompts were packed together: each needs a cache of its own to copy
         last_only = set()
+        step_ids = {f.seq_id for f in feeds}
         for group in shared:
             source = self._seqs[group[0].seq_id]
-            assert source.cache is not None
+            last_only.add(group[0].seq_id)
             for feed in group[1:]:
-                seq = self._seqs[feed.seq_id]
-                seq.cache = _cache_of([(k.clone(), v.clone()) for k, v in _kv(source.cache)])
-                seq.cached = source.cached
-            last_only.update(f.seq_id for f in group)
-        self.stats.shared_prompts += sum(len(g) - 1 for g in shared)
+                if self._copy_cache(group[0].seq_id, feed.seq_id, source.cached, protect=step_ids):
+                    self._seqs[feed.seq_id].cached = source.cached
+                    last_only.add(feed.seq_id)
+                    self.stats.shared_prompts += 1
         return [
-            _Feed(f.seq_id, len(f.tokens) - 1, f.tokens[-1:], None) if f.seq_id in last_only else f for f in feeds
+            _Feed(f.seq_id, len(f.tokens) - 1, f.tokens[-1:], None) if f.seq_id in last_only else f
+            for f in feeds
         ]
 
     def _catch_up(self, feeds: list[_Feed]) -> list[_Feed]:
@@ -461,6 +585,11 @@ class MemberEngine:
         """After a failed forward: some layers may hold the new K/V and others not, so the only
         trustworthy cache is none. The sequences keep their tokens and are recomputed next step."""
         affected = set(seq_ids)
+        if self._slots is not None:
+            for seq_id in affected & self._seqs.keys():
+                self._seqs[seq_id].cached = 0
+                self._slots.free(seq_id)
+            return
         if self._packed is not None and affected & self._packed.row_of.keys():
             affected |= self._packed.row_of.keys()
             self._packed = None
@@ -504,7 +633,9 @@ class MemberEngine:
         seq.cache = cache
         return out
 
-    def _forward_packed(self, feeds: list[_Feed], keep: int, head: set[str] | None) -> tuple[torch.Tensor, list[int]]:
+    def _forward_packed(
+        self, feeds: list[_Feed], keep: int, head: set[str] | None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Returns the logits of the rows in `head` (pack order) and each feed's row in them."""
         packed = self._packed_for([f.seq_id for f in feeds])
         order = sorted(feeds, key=lambda f: packed.row_of[f.seq_id])
@@ -623,6 +754,107 @@ class MemberEngine:
             )
         self._packed = None
 
+    # --------------------------------------------------------- static cache
+
+    def _forward_static(
+        self, feeds: list[_Feed], keep: int, head: set[str] | None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """`_forward` over slots, in chunks of at most max_slots sequences, each recorded as it ends
+        (a later chunk may evict an earlier one's sequences, which must then read as uncached)."""
+        assert self._slots is not None
+        size = self._slots.max_slots
+        chunks = [feeds[i : i + size] for i in range(0, len(feeds), size)]
+        results = []
+        for chunk in chunks:
+            started = time.perf_counter()
+            # An earlier chunk may have evicted some of this one's sequences since the step planned their
+            # feeds: they feed again from what they still hold (the same last tokens, so the same outputs).
+            chunk = [self._refed(f) for f in chunk]
+            logits, rows = self._forward_slots(chunk, keep, head)
+            self._record(chunk, time.perf_counter() - started)
+            # The decode step returns a view of a buffer the next chunk overwrites.
+            results.append((logits.clone() if len(chunks) > 1 else logits, rows))
+        if len(results) == 1:
+            return results[0]
+        parts, rows, offset = [], [], 0
+        for logits, chunk_rows in results:
+            rows.extend(-1 if r < 0 else r + offset for r in chunk_rows)
+            if logits.numel():
+                parts.append(logits)
+                offset += logits.shape[0]
+        return (torch.cat(parts) if parts else torch.empty(0)), rows
+
+    def _refed(self, feed: _Feed) -> _Feed:
+        seq = self._seqs[feed.seq_id]
+        if feed.start <= seq.cached:
+            return feed
+        return _Feed(
+            feed.seq_id, seq.cached, seq.tokens[seq.cached : feed.start + len(feed.tokens)], feed.echo_from
+        )
+
+    def _forward_slots(
+        self, feeds: list[_Feed], keep: int, head: set[str] | None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """One forward of at most max_slots feeds, placed in slots 0..n-1 (so batch row = slot)."""
+        slots, decoder = self._slots, self._decoder
+        assert slots is not None and decoder is not None
+        self._uncache(slots.place([f.seq_id for f in feeds], lambda s: self._seqs[s].cached))
+        self._sync_slot_stats()
+        needed = max(f.start + len(f.tokens) for f in feeds)
+        slots.ensure_capacity(needed)
+        order = sorted(feeds, key=lambda f: slots.slot_of[f.seq_id])
+        in_head = [head is None or f.seq_id in head for f in order]
+        width = max(len(f.tokens) for f in feeds)
+        if width == 1 and keep == 1:
+            # The plain decode step: fixed shapes per bucket, a CUDA graph replay on a GPU.
+            rows = choose_bucket(len(order), self._buckets)
+            length = length_bucket(needed, slots.capacity)
+            logits = decoder.run([f.tokens[0] for f in order], [f.start for f in order], rows, length)
+            self.stats.static_decodes += 1
+            self.stats.graph_captures, self.stats.graph_replays = decoder.captures, decoder.replays
+            row_of = {
+                f.seq_id: row for row, (f, wanted) in enumerate(zip(order, in_head, strict=True)) if wanted
+            }
+            return logits, [row_of.get(f.seq_id, -1) for f in feeds]
+        # Anything wider (a prefill, a catch-up, an echo) runs eagerly, once, at its exact shape.
+        input_ids = torch.full((len(order), width), self._pad_id, dtype=torch.long)
+        positions = torch.full((len(order), width), -1, dtype=torch.long)
+        for row, feed in enumerate(order):
+            n = len(feed.tokens)
+            input_ids[row, width - n :] = torch.tensor(feed.tokens, dtype=torch.long)
+            positions[row, width - n :] = torch.arange(feed.start, feed.start + n)
+        write_columns = torch.where(positions >= 0, positions, slots.scratch_column).to(self.device)
+        positions = positions.to(self.device)
+        slots.set_view(len(order), needed, write_columns)
+        batch_rows = [row for row, wanted in enumerate(in_head) if wanted]
+        logits = self._run(
+            keep,
+            head_rows=batch_rows if len(batch_rows) < len(order) else None,
+            input_ids=input_ids.to(self.device),
+            attention_mask=self._slot_masks(positions, needed),
+            position_ids=positions.clamp(min=0),
+            cache=slots.cache,
+            use_cache=True,
+        )
+        logits_row = {order[row].seq_id: i for i, row in enumerate(batch_rows)}
+        return logits, [logits_row.get(f.seq_id, -1) for f in feeds]
+
+    def _slot_masks(
+        self, query_positions: torch.Tensor, length: int
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        return slot_masks(
+            query_positions,
+            length,
+            window=getattr(self._config, "sliding_window", None),
+            layer_types=getattr(self._config, "layer_types", None),
+            attention=self._config._attn_implementation,
+            dtype=self._dtype,
+        )
+
+    def _sync_slot_stats(self) -> None:
+        assert self._slots is not None
+        self.stats.slot_moves, self.stats.evictions = self._slots.moves, self._slots.evictions
+
     # --------------------------------------------------------------- masks
 
     def _masks(
@@ -647,7 +879,9 @@ class MemberEngine:
             return self._mask_format(mask | padding_self)
         masks = {}
         for layer_type in set(layer_types):
-            mask = causal & (q - k < window) if layer_type == "sliding_attention" else causal
+            # A sliding layer without a window attends like a full one (Qwen2 with use_sliding_window off).
+            windowed = layer_type == "sliding_attention" and window is not None
+            mask = causal & (q - k < window) if windowed else causal
             masks[layer_type] = self._mask_format(mask | padding_self)
         return masks
 
@@ -695,7 +929,9 @@ class MemberEngine:
         echo_top_k: int,
         masses: Sequence[tuple[int, torch.Tensor]] = (),
         full: bool = False,
-    ) -> tuple[list[float], tuple[torch.Tensor, torch.Tensor] | None, list[float] | None, torch.Tensor | None]:
+    ) -> tuple[
+        list[float], tuple[torch.Tensor, torch.Tensor] | None, list[float] | None, torch.Tensor | None
+    ]:
         """Log-probs of the fed tokens from `echo_from` on, each given the tokens before it."""
         assert feed.echo_from is not None
         end = feed.start + len(feed.tokens)

@@ -1,9 +1,7 @@
-"""The GPU benchmark's static-cache decode step (bench/gpu_step.py) against the member engine.
-
-A slot per sequence, masks from the slots' positions (causal, and Gemma-3's sliding window), a
-crop that moves a slot's position back: the same greedy tokens, top 5 and log-probs as
-`MemberEngine`, on tiny models of every packaged architecture. The CUDA-graph replay of the same
-step runs only where there is a GPU.
+"""The GPU benchmark's check (bench/gpu_step.py): the member engine's static-cache path against its
+dynamic path, as the benchmark runs them (crop of one sequence mid-way, Gemma-3's window crossed):
+the same greedy tokens, top 5 and log-probs on tiny models of every packaged architecture. The
+CUDA-graph replay runs only where there is a GPU.
 """
 
 from __future__ import annotations
@@ -27,25 +25,6 @@ def test_static_slots_equal_the_engine_token_for_token(arch: str) -> None:
     compared = result["static_vs_engine"]
     assert compared["tokens_equal"] and compared["top5_equal"], result
     assert compared["max_logprob_gap"] < 1e-4
-
-
-def test_the_check_sees_a_wrong_window() -> None:
-    """Without the sliding window in its masks the static step differs from the engine on Gemma-3:
-    the check tests the window, not only the causal mask."""
-    model = gpu_step.build("gemma3-270m", tiny=True, device="cpu", dtype=torch.float32)
-
-    class NoWindow(gpu_step.StaticDecoder):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.window = 10**9
-
-    original = gpu_step.StaticDecoder
-    gpu_step.StaticDecoder = NoWindow  # type: ignore[misc]
-    try:
-        result = gpu_step.check("gemma3-270m", model, "cpu", graph=False)
-    finally:
-        gpu_step.StaticDecoder = original  # type: ignore[misc]
-    assert not result["static_vs_engine"]["top5_equal"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
