@@ -197,6 +197,7 @@ class TokenTable:
         # any number of tokens back: a re-tokenized window must reach this far behind new text.
         self.max_added_bytes = max((len(self._bytes[i]) for i in self._added), default=0)
         self._first_cache: dict[bytes, int | None] = {}
+        self._unnormalized_cache: dict[int, tuple[Tokenizer, Tokenizer]] = {}
         self._sorted_bytes: list[bytes] | None = None
         self._sorted_ids: np.ndarray | None = None
         self._escape = re.compile(
@@ -366,6 +367,12 @@ class TokenTable:
         data = text.encode("utf-8")
         new_ids = encode_text(backend, text)
         spelled = self.decode_bytes(new_ids)
+        if spelled != self.visible(data) and self.kind == "byte_level" and backend.normalizer is not None:
+            # A byte-level vocabulary spells any bytes, but its normalizer may rewrite the text first
+            # (Qwen2's NFC turns U+F9D1 into U+516D): text a member generated must keep its own bytes,
+            # so it is encoded as it is, without the rewrite.
+            new_ids = encode_text(self._unnormalized(backend), text)
+            spelled = self.decode_bytes(new_ids)
         if spelled != self.visible(data):
             raise VocabError(
                 f"tokenizer {self.name!r} does not reproduce {data[:80]!r} exactly (it gives {spelled[:80]!r})"
@@ -387,6 +394,17 @@ class TokenTable:
             ids.append(token_id)
             ends.append(offset + cursor)
         return offset + len(data)
+
+    def _unnormalized(self, backend: Tokenizer) -> Tokenizer:
+        """A copy of `backend` without its normalizer (built once per backend: copying parses the
+        whole tokenizer)."""
+        copy = self._unnormalized_cache.get(id(backend))
+        if copy is None or copy[0] is not backend:
+            plain = Tokenizer.from_str(backend.to_str())
+            plain.normalizer = None
+            copy = (backend, plain)
+            self._unnormalized_cache[id(backend)] = copy
+        return copy[1]
 
     def first_token(self, text_bytes: bytes) -> int | None:
         """The first id of this tokenizer's canonical tokenization of `text_bytes`.

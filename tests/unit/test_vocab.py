@@ -314,3 +314,32 @@ def test_unknown_decoders_are_refused() -> None:
     tok.decoder = decoders.WordPiece()
     with pytest.raises(VocabError, match="unsupported tokenizer decoder"):
         TokenTable.from_tokenizer(tok)
+
+
+QWEN = "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.fixture(scope="module")
+def qwen_table() -> TokenTable:
+    if not (consort_models.resolve(QWEN) / "tokenizer_config.json").exists():
+        pytest.skip("the converted Qwen2.5-Coder-0.5B is not in this machine's cache")
+    return TokenTable.from_tokenizer(consort_models.load_tokenizer(QWEN))
+
+
+def test_text_a_normalizer_would_rewrite_keeps_its_bytes(qwen_table: TokenTable) -> None:
+    """Qwen2's tokenizer applies NFC: U+F9D1 becomes U+516D and 'A' + combining acute becomes 'Á'.
+    Generated text must be encoded as it is, or the member would continue different text (and the
+    alignment refused it: a random-weight SmolLM2 emitted U+F9D1 under `me`)."""
+    for text in ["\uf9d1", "a\uf9d1b 六", "A\u0301 e\u0301", "x\u212b"]:
+        data = text.encode("utf-8")
+        ids = qwen_table.encode(data)
+        assert qwen_table.decode_bytes(ids) == data
+    assert qwen_table.encode("六".encode()) != qwen_table.encode("\uf9d1".encode())
+    assert qwen_table.encode(b"hello world") == [14990, 1879]  # NFC text: the tokenizer's own ids
+
+
+@SETTINGS
+@given(text=text_strategy)
+def test_qwen_round_trips_any_text(text: str, qwen_table: TokenTable) -> None:
+    data = (text + "\uf9d1e\u0301").encode("utf-8")
+    assert qwen_table.decode_bytes(qwen_table.encode(data)) == data
