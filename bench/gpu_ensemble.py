@@ -85,10 +85,12 @@ def member_models(
     return built
 
 
-def ensemble_config(names: list[str], strategy: str, tokenizers: Path, device: str) -> EnsembleConfig:
+def ensemble_config(
+    names: list[str], strategy: str, tokenizers: Path, device: str, kv_cache: str
+) -> EnsembleConfig:
     return parse_config(
         {
-            "members": [{"name": n, "model": str(tokenizers / n)} for n in names],
+            "members": [{"name": n, "model": str(tokenizers / n), "kv_cache": kv_cache} for n in names],
             "strategy": strategy,
             "main": names[0],
             "device": device,
@@ -98,9 +100,13 @@ def ensemble_config(names: list[str], strategy: str, tokenizers: Path, device: s
 
 
 def make_loop(
-    models: dict[str, tuple[Any, Any]], names: list[str], strategy: str, args: argparse.Namespace
+    models: dict[str, tuple[Any, Any]],
+    names: list[str],
+    strategy: str,
+    kv_cache: str,
+    args: argparse.Namespace,
 ) -> EnsembleLoop:
-    config = ensemble_config(names, strategy, args.tokenizers, args.device)
+    config = ensemble_config(names, strategy, args.tokenizers, args.device, kv_cache)
     return EnsembleLoop(config, {n: load_worker(config, n, args.device, models[n]) for n in names})
 
 
@@ -175,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizers", type=Path, default=Path(".gpu_tok"))
     p.add_argument("--save-tokenizers", type=Path, help="write the members' tokenizers here and exit")
     p.add_argument("--budget-s", type=float, default=300.0, help="start no new configuration after this")
+    p.add_argument(
+        "--kv-cache",
+        default="dynamic,static",
+        help="the members' kv_cache settings to measure, in turn (static: slots, graphs on CUDA)",
+    )
     args = p.parse_args(argv)
     if args.save_tokenizers:
         save_tokenizers(args.save_tokenizers)
@@ -201,23 +212,38 @@ def main(argv: list[str] | None = None) -> int:
     models = member_models(args.tiny, args.device, dtype, args.tokenizers)
     names = [n for n, _, _ in PAIR]
     configurations = [(f"{n} alone", [n], "mean") for n in names] + [(s, names, s) for s in STRATEGIES]
-    for label, members, strategy in configurations:
-        if time.perf_counter() - started > args.budget_s:
-            report["skipped"].append(f"{label}: over the {args.budget_s:.0f} s budget")
-            continue
-        loop = make_loop(models, members, strategy, args)
-        run_batch(loop, 2, 4, args.device)  # warm-up: kernels, allocator, the anchors' first use
-        report["runs"][label] = {str(c): run_batch(loop, c, args.tokens, args.device) for c in CONCURRENCY}
-        print(
-            label,
-            {c: r["tokens_per_s"] for c, r in report["runs"][label].items()},
-            file=sys.stderr,
-            flush=True,
-        )
-        if strategy == "me":
-            report["me_profile_c1"] = profile_me(loop, min(args.tokens, 16), args.device)
-        write()
-    report["figures"] = figures(report["runs"], names)
+    for kv_cache in args.kv_cache.split(","):
+        runs = report["runs"].setdefault(kv_cache, {})
+        for label, members, strategy in configurations:
+            if time.perf_counter() - started > args.budget_s:
+                report["skipped"].append(f"{label} [{kv_cache}]: over the {args.budget_s:.0f} s budget")
+                continue
+            loop = make_loop(models, members, strategy, kv_cache, args)
+            # Warm-up with the timed shapes: kernels, the allocator, the anchors' first use, and in
+            # static mode the capture of each batch and length bucket's graph.
+            for concurrency in CONCURRENCY:
+                run_batch(loop, concurrency, args.tokens, args.device)
+            runs[label] = {str(c): run_batch(loop, c, args.tokens, args.device) for c in CONCURRENCY}
+            runs[label]["engines"] = {
+                n: {
+                    "kv_cache": w.engine.kv_cache,
+                    "cuda_graphs": w.engine.cuda_graphs,
+                    "graph_error": w.engine.graph_error,
+                }
+                for n, w in loop.workers.items()
+            }
+            print(
+                f"{label} [{kv_cache}]",
+                {c: r["tokens_per_s"] for c, r in runs[label].items() if c != "engines"},
+                file=sys.stderr,
+                flush=True,
+            )
+            if strategy == "me":
+                report.setdefault("me_profile_c1", {})[kv_cache] = profile_me(
+                    loop, min(args.tokens, 16), args.device
+                )
+            write()
+    report["figures"] = {kv_cache: figures(runs, names) for kv_cache, runs in report["runs"].items()}
     write()
     print(json.dumps(report["figures"], indent=2))
     return 0
