@@ -25,7 +25,7 @@ from consort.runtime import models
 
 LAYERS, HIDDEN = 2, 64
 # Bump when build_tiny changes what it builds for the same (alias, seed): saved folders are then rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 @cache
@@ -47,8 +47,14 @@ def build_tiny(alias: str, *, layers: int = LAYERS, hidden: int = HIDDEN, seed: 
     config.num_key_value_heads = 2
     config.head_dim = hidden // heads
     if hasattr(config, "layer_types") and config.layer_types is not None:
-        # Keep both attention kinds (Gemma-3 interleaves sliding and full layers).
-        config.layer_types = (["sliding_attention", "full_attention"] * layers)[:layers]
+        # Keep the attention kinds the real model has: Gemma-3 interleaves sliding and full layers;
+        # Qwen2.5 lists only full ones (a sliding layer there would have no window at all).
+        kinds = (
+            ["sliding_attention", "full_attention"]
+            if "sliding_attention" in config.layer_types
+            else ["full_attention"]
+        )
+        config.layer_types = (kinds * layers)[:layers]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
