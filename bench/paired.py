@@ -4,7 +4,7 @@ paired split (questions one run answered right and the other wrong) with its exa
     python -m bench.paired results/deepen/old results/deepen/new --strategy deepen [--label-a before --label-b after]
 
 Each folder is a `consort eval --out`; questions are matched by (task, id). `--strategy members:NAME`
-reads a member alone.
+reads a member alone. "same answer": the same pick (multiple choice) or the same text.
 """
 
 from __future__ import annotations
@@ -17,17 +17,22 @@ from pathlib import Path
 from consort.runtime.evaluation.report import sign_test
 
 
-def correct(record: dict, strategy: str) -> bool:
+def entry(record: dict, strategy: str) -> dict:
     if strategy.startswith("members:"):
-        return bool(record["members"][strategy.split(":", 1)[1]]["correct"])
-    return bool(record["strategies"][strategy]["correct"])
+        return record["members"][strategy.split(":", 1)[1]]
+    return record["strategies"][strategy]
 
 
-def load(folder: Path, strategy: str) -> dict[tuple[str, str], bool]:
+def load(folder: Path, strategy: str) -> dict[tuple[str, str], tuple[bool, object]]:
+    """(task, id) -> (correct, the answer given: the pick on multiple choice, else the text)."""
     out = {}
     for line in (folder / "predictions.jsonl").read_text().splitlines():
         record = json.loads(line)
-        out[(record["task"], record["id"])] = correct(record, strategy)
+        answer = entry(record, strategy)
+        out[(record["task"], record["id"])] = (
+            bool(answer["correct"]),
+            answer.get("pick", answer.get("answer")),
+        )
     return out
 
 
@@ -44,18 +49,27 @@ def main() -> None:
     b = load(args.b, args.strategy_b or args.strategy)
     shared = sorted(set(a) & set(b))
     by_task: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    same: dict[str, int] = defaultdict(int)
     for key in shared:
-        by_task[key[0]].append((a[key], b[key]))
+        by_task[key[0]].append((a[key][0], b[key][0]))
+        same[key[0]] += a[key][1] == b[key][1]
+    same["pooled"] = sum(same.values())
     by_task["pooled"] = [pair for task in list(by_task) for pair in by_task[task]]
-    print(f"| task | N | {args.label_a} | {args.label_b} | {args.label_b} vs {args.label_a}: won/lost (p) |")
-    print("|---|---|---|---|---|")
+    print(
+        f"| task | N | {args.label_a} | {args.label_b} | {args.label_b} vs {args.label_a}: won/lost (p) "
+        "| same answer |"
+    )
+    print("|---|---|---|---|---|---|")
     for task, pairs in by_task.items():
         n = len(pairs)
         won = sum(1 for x, y in pairs if y and not x)
         lost = sum(1 for x, y in pairs if x and not y)
         acc_a = 100 * sum(x for x, _ in pairs) / n
         acc_b = 100 * sum(y for _, y in pairs) / n
-        print(f"| {task} | {n} | {acc_a:.1f} | {acc_b:.1f} | {won}/{lost} ({sign_test(won, lost):.3g}) |")
+        print(
+            f"| {task} | {n} | {acc_a:.1f} | {acc_b:.1f} | {won}/{lost} ({sign_test(won, lost):.3g}) "
+            f"| {same[task]} of {n} |"
+        )
 
 
 if __name__ == "__main__":
