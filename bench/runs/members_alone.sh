@@ -3,7 +3,7 @@
 # every eval skips the questions already in its predictions.jsonl.
 #
 #   MEMBERS="qwen05 qwen15" CONFIGS=members_configs_bf16 OUT=results/part3-bf16 GROUPS_TO_RUN="code gsm8k_chat mc" \
-#     CONSORT=results/part3/frozen_consort.sh nohup nice -n 10 bash bench/runs/members_alone.sh &
+#     CONSORT=bench/runs/frozen_consort.sh nohup nice -n 10 bash bench/runs/members_alone.sh &
 #
 # CONFIGS: bench/runs/members_configs (fp32, the CPU default) or members_configs_bf16 (bf16 compute:
 # 2-3x faster at batch 16 on a CPU with AVX512-BF16, same HumanEval pass@1 for Qwen-0.5B).

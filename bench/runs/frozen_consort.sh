@@ -1,0 +1,25 @@
+#!/bin/bash
+# `consort` from a frozen copy of a commit (default: HEAD), installed once under /tmp, so that an
+# evaluation running for hours never imports files that are being edited in the working tree.
+#
+#   CONSORT=bench/runs/frozen_consort.sh bash bench/runs/members_alone.sh
+#   FROZEN_COMMIT=abc1234 bench/runs/frozen_consort.sh eval --help
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+commit="$(git -C "$root" rev-parse --short "${FROZEN_COMMIT:-HEAD}")"
+target="/tmp/consort-frozen-$commit"
+if [ ! -f "$target/.installed" ]; then
+  tree="$(mktemp -d)"
+  git -C "$root" archive "$commit" | tar -x -C "$tree"
+  "$root/.venv/bin/pip" install -q --no-deps --no-build-isolation --target "$target" "$tree"
+  rm -rf "$tree"
+  touch "$target/.installed"
+fi
+# -S: no site-packages .pth files, so the editable install of the working tree cannot win.
+exec "$root/.venv/bin/python" -S -c "
+import sys
+sys.path[:0] = ['$target', '$root/.venv/lib/python3.11/site-packages']
+sys.argv[0] = 'consort'
+from consort.cli import main
+sys.exit(main())
+" "$@"
