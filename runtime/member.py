@@ -633,19 +633,25 @@ class MemberEngine:
         seq.cache = cache
         return out
 
+    def _left_padded(self, feeds: list[_Feed]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feeds' new tokens as rows right-aligned to the widest, and each token's position
+        (padding: the pad id at position -1, which the masks never let anything attend to)."""
+        width = max(len(f.tokens) for f in feeds)
+        input_ids = torch.full((len(feeds), width), self._pad_id, dtype=torch.long)
+        positions = torch.full((len(feeds), width), -1, dtype=torch.long)
+        for row, feed in enumerate(feeds):
+            n = len(feed.tokens)
+            input_ids[row, width - n :] = torch.tensor(feed.tokens, dtype=torch.long)
+            positions[row, width - n :] = torch.arange(feed.start, feed.start + n)
+        return input_ids, positions
+
     def _forward_packed(
         self, feeds: list[_Feed], keep: int, head: set[str] | None
     ) -> tuple[torch.Tensor, list[int]]:
         """Returns the logits of the rows in `head` (pack order) and each feed's row in them."""
         packed = self._packed_for([f.seq_id for f in feeds])
         order = sorted(feeds, key=lambda f: packed.row_of[f.seq_id])
-        width = max(len(f.tokens) for f in order)
-        input_ids = torch.full((len(order), width), self._pad_id, dtype=torch.long)
-        new_positions = torch.full((len(order), width), -1, dtype=torch.long)
-        for row, feed in enumerate(order):
-            n = len(feed.tokens)
-            input_ids[row, width - n :] = torch.tensor(feed.tokens, dtype=torch.long)
-            new_positions[row, width - n :] = torch.arange(feed.start, feed.start + n)
+        input_ids, new_positions = self._left_padded(order)
         new_positions = new_positions.to(self.device)
         all_positions = torch.cat([packed.positions, new_positions], dim=1)
         batch_rows = [row for row, f in enumerate(order) if head is None or f.seq_id in head]
@@ -817,12 +823,7 @@ class MemberEngine:
             }
             return logits, [row_of.get(f.seq_id, -1) for f in feeds]
         # Anything wider (a prefill, a catch-up, an echo) runs eagerly, once, at its exact shape.
-        input_ids = torch.full((len(order), width), self._pad_id, dtype=torch.long)
-        positions = torch.full((len(order), width), -1, dtype=torch.long)
-        for row, feed in enumerate(order):
-            n = len(feed.tokens)
-            input_ids[row, width - n :] = torch.tensor(feed.tokens, dtype=torch.long)
-            positions[row, width - n :] = torch.arange(feed.start, feed.start + n)
+        input_ids, positions = self._left_padded(order)
         write_columns = torch.where(positions >= 0, positions, slots.scratch_column).to(self.device)
         positions = positions.to(self.device)
         slots.set_view(len(order), needed, write_columns)

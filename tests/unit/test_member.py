@@ -26,14 +26,7 @@ ATOL = 1e-4
 GEMMA_WINDOW = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny matmuls gain nothing from threads, and on a busy machine a second OpenMP
-    # thread makes every op wait for a core: 1 thread runs this file several times faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(alias: str) -> tuple[Any, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -47,13 +47,7 @@ SMALL = StaticCacheOptions(max_slots=4, initial_len=16)
 Scenario = Callable[[MemberEngine], list[dict[str, StepOutput]]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny matmuls gain nothing from threads, and a second OpenMP thread on a busy machine makes every op wait.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(alias: str, device: str = "cpu") -> tuple[Any, Any]:
@@ -61,10 +55,6 @@ def _tiny(alias: str, device: str = "cpu") -> tuple[Any, Any]:
     config = copy.deepcopy(model.config)
     if alias.startswith("gemma"):
         config.sliding_window = GEMMA_WINDOW
-    elif alias.startswith("qwen"):
-        # build_tiny gives Qwen2 a sliding layer but no window, which transformers' own masks refuse
-        # (a solo step passes no mask); the packaged Qwen2.5 models have full attention only.
-        config.layer_types = ["full_attention"] * config.num_hidden_layers
     else:
         return model.to(device), tokenizer
     torch.manual_seed(0)
