@@ -87,6 +87,19 @@ def _batches(
     return groups
 
 
+def scoring_order(contexts: Sequence[list[int]], lengths: Sequence[tuple[int, int]]) -> list[int]:
+    """The requests' order for batching: the choices of one question side by side, so that one
+    step holds them all and the member prefills their shared context once (`MemberEngine`'s shared
+    prompts); questions by their widest continuation, then context length: less padding."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, context in enumerate(contexts):
+        groups.setdefault(tuple(context), []).append(i)
+    ordered = sorted(
+        groups.values(), key=lambda g: (max(lengths[i][1] for i in g), lengths[g[0]][0], g[0])
+    )
+    return [i for group in ordered for i in group]
+
+
 async def member_logliks(
     executor: Executor,
     member: MemberInfo,
@@ -106,8 +119,7 @@ async def member_logliks(
         (context_ids(tokenizer, r.context), continuation_ids(tokenizer, r.continuation)) for r in requests
     ]
     lengths = [(len(c), len(x)) for c, x in encoded]
-    # Similar lengths together: less padding in the packed forward.
-    order = sorted(range(len(requests)), key=lambda i: (lengths[i][1], lengths[i][0]))
+    order = scoring_order([c for c, _ in encoded], lengths)
     out: list[Loglik | None] = [None] * len(requests)
     tag = uuid.uuid4().hex[:8]
     for group in _batches(

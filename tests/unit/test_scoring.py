@@ -9,7 +9,13 @@ import pytest
 
 from consort.runtime.errors import InvalidRequest
 from consort.runtime.evaluation.batches import GenerationRequest, generate, member_alone
-from consort.runtime.evaluation.logliks import LoglikRequest, _batches, ensemble_logliks, member_logliks
+from consort.runtime.evaluation.logliks import (
+    LoglikRequest,
+    _batches,
+    ensemble_logliks,
+    member_logliks,
+    scoring_order,
+)
 from consort.runtime.sampling import SamplingParams
 from consort.runtime.types import RequestOptions
 from tests.unit.conftest import make_loop
@@ -83,6 +89,27 @@ def test_batches_respect_the_logit_budget_and_the_batch_size() -> None:
     for group in groups:
         assert len(group) <= 3
         assert len(group) == 1 or len(group) * (max(lengths[i][1] for i in group) + 1) * 100 <= 1000
+
+
+def test_scoring_order_keeps_the_choices_of_a_question_together() -> None:
+    contexts = [[1, 2], [3], [1, 2], [4, 5, 6], [3]]
+    lengths = [(len(c), n) for c, n in zip(contexts, (1, 9, 8, 2, 1), strict=True)]
+    order = scoring_order(contexts, lengths)
+    assert sorted(order) == list(range(5))
+    # Each context's requests are adjacent; contexts go by their widest continuation.
+    assert order == [3, 0, 2, 1, 4]
+
+
+def test_choices_of_a_question_share_one_prefill_and_score_as_alone(self_pair) -> None:
+    core = self_pair.core
+    engine = self_pair.workers["a"].engine
+    before = engine.stats.shared_prompts
+    together = run(member_logliks(core.executor, core.members["a"], REQUESTS, max_batch=2))
+    # The two French-capital choices differ most in length, yet land in one step and one prefill.
+    assert engine.stats.shared_prompts == before + 1
+    one_by_one = [run(member_logliks(core.executor, core.members["a"], [r]))[0] for r in REQUESTS]
+    for a, b in zip(together, one_by_one, strict=True):
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
 
 
 def test_generation_batches_many_requests_and_matches_one_at_a_time(tiny_models) -> None:
