@@ -183,6 +183,14 @@ def curves(
                 drawn = [members[names[i % m]]["samples"][i // m] for i in range(n)]
                 chosen = select_answer([_selectable(q, t) for t in drawn], kind=kind)
                 add("vote", n, correct[drawn[chosen.index]])
+            # Each member voting over its own samples (self-consistency): what the ensemble's
+            # lines must beat at the same number of answers to be worth more than its best member.
+            for name in names:
+                texts = members[name]["samples"]
+                for n in grid:
+                    if n <= len(texts):
+                        chosen = select_answer([_selectable(q, t) for t in texts[:n]], kind=kind)
+                        add(f"vote {name} alone", n, correct[texts[chosen.index]])
             for k in ks:
                 own = {name: members[name]["samples"][:k] for name in names}
                 mux = select_member(

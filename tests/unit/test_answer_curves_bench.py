@@ -1,0 +1,37 @@
+"""bench/answer_curves.py's curves from hand-made sample records: which answer each strategy picks."""
+
+from __future__ import annotations
+
+from bench.answer_curves import curves
+from consort.runtime.evaluation.specs import GenerationQuestion
+
+
+def _question(qid: str) -> GenerationQuestion:
+    return GenerationQuestion(
+        task="gsm8k_chat", id=qid, prompt="?", chat=True, answers=["7"], stop=[], max_tokens=8, answer_kind="number"
+    )
+
+
+def test_vote_mux_and_each_member_alone_pick_by_agreement() -> None:
+    # Member a: greedy wrong, samples 7, 7, 3 (its own majority is right).
+    # Member b: greedy right, samples 5, 5, 5 (agrees most with itself, and is wrong).
+    samples = {"a": ["= 7", "= 7", "= 3"], "b": ["= 5", "= 5", "= 5"]}
+    record = {
+        "members": {
+            "a": {"greedy": "= 3", "samples": samples["a"]},
+            "b": {"greedy": "= 7!", "samples": samples["b"]},
+        },
+        "correct": {"= 3": False, "= 7!": True, "= 7": True, "= 5": False},
+    }
+    question = _question("q1")
+    lines = curves([question], {("q1", "samples"): record}, ["a", "b"], [1, 2, 3, 6], {})
+    assert lines["a greedy"] == {1: 0.0}
+    assert lines["b greedy"] == {1: 1.0}
+    # vote over n answers drawn in turn a, b, a, b, ...: n=1 takes a's first (7); n=2 ties 7 vs 5 and the
+    # first drawn wins; n=6 has 5 three times against 7 twice.
+    assert lines["vote"] == {1: 1.0, 2: 1.0, 3: 1.0, 6: 0.0}
+    # Each member alone votes over its own first n samples; n beyond its samples is not drawn.
+    assert lines["vote a alone"] == {1: 1.0, 2: 1.0, 3: 1.0}
+    assert lines["vote b alone"] == {1: 0.0, 2: 0.0, 3: 0.0}
+    # mux with k samples per member takes the member whose samples agree most: b (5, 5, 5) at k=3.
+    assert lines["mux"][6] == 0.0
