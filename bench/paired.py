@@ -4,7 +4,11 @@ paired split (questions one run answered right and the other wrong) with its exa
     python -m bench.paired results/deepen/old results/deepen/new --strategy deepen [--label-a before --label-b after]
 
 Each folder is a `consort eval --out`; questions are matched by (task, id). `--strategy members:NAME`
-reads a member alone. "same answer": the same pick (multiple choice) or the same text.
+reads a member alone; `members:best` the member with the most right answers on each task (the
+issue's "best member", chosen on the same questions, which favours it). "same answer": the same
+pick (multiple choice) or the same text.
+
+    python -m bench.paired RUN RUN --strategy members:best --strategy-b mean --label-a "best member" --label-b mean
 """
 
 from __future__ import annotations
@@ -25,14 +29,26 @@ def entry(record: dict, strategy: str) -> dict:
 
 def load(folder: Path, strategy: str) -> dict[tuple[str, str], tuple[bool, object]]:
     """(task, id) -> (correct, the answer given: the pick on multiple choice, else the text)."""
+    records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line]
+    if strategy == "members:best":
+        return _best_member(records)
     out = {}
-    for line in (folder / "predictions.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in records:
         answer = entry(record, strategy)
-        out[(record["task"], record["id"])] = (
-            bool(answer["correct"]),
-            answer.get("pick", answer.get("answer")),
-        )
+        out[(record["task"], record["id"])] = (bool(answer["correct"]), answer.get("pick", answer.get("answer")))
+    return out
+
+
+def _best_member(records: list[dict]) -> dict[tuple[str, str], tuple[bool, object]]:
+    right: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for record in records:
+        for name, answer in record["members"].items():
+            right[record["task"]][name] += bool(answer["correct"])
+    best = {task: max(counts, key=lambda name: counts[name]) for task, counts in right.items()}
+    out = {}
+    for record in records:
+        answer = record["members"][best[record["task"]]]
+        out[(record["task"], record["id"])] = (bool(answer["correct"]), answer.get("pick", answer.get("answer")))
     return out
 
 
