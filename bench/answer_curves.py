@@ -3,7 +3,7 @@
     python -m bench.answer_curves --config examples/qwen-coders.yaml --task gsm8k_chat --limit 200 \
         --out results/answer_curves [--samples 1,3,5,10,20] [--parts samples,cot,debate]
 
-In process (no Ray), one question chunk at a time, every part of a question written to
+In process (no Ray), --chunk question parts in flight (a finished one replaced at once), every part of a question written to
 `<out>/<task>.jsonl` as soon as it is done, so an interrupted run resumes where it stopped
 (a line per question and part; rerun the same command). At the end `<out>/<task>.json`
 holds the curves and `<out>/<task>.png` draws them, with the best member's greedy accuracy
@@ -33,7 +33,7 @@ import argparse
 import asyncio
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +57,44 @@ PARTS = ("samples", "cot", "debate")
 # --- running requests in process ---------------------------------------------------------------
 
 
-def run_all(
-    loop: EnsembleLoop, requests: Sequence[tuple[Prompt, SamplingParams, RequestOptions]]
-) -> list[Completion]:
-    """Every request to its end, batched together (continuous batching in one process)."""
-    ids = [loop.core.add(prompt, params, options) for prompt, params, options in requests]
-    done = {i: Completion() for i in ids}
-    while not all(c.finished for c in done.values()):
+Request = tuple[Prompt, SamplingParams, RequestOptions]
+
+
+def run_rolling(
+    loop: EnsembleLoop, items: Sequence[list[Request]], window: int
+) -> Iterator[tuple[int, list[Completion]]]:
+    """Each item's completions as soon as all of its requests end, with `window` items in flight.
+
+    A finished item is replaced at once by the next one, so the batch stays full: sampled GSM8K
+    answers run from ~100 to 512 tokens, and waiting for a whole chunk's longest answer left the
+    batch mostly empty for its last few hundred steps.
+    """
+    pending: dict[str, tuple[int, int]] = {}  # seq id -> (item, position in the item)
+    done: dict[int, list[Completion | None]] = {}
+    next_item = 0
+
+    def admit() -> None:
+        nonlocal next_item
+        while next_item < len(items) and len(done) < window:
+            done[next_item] = [None] * len(items[next_item])
+            for position, (prompt, params, options) in enumerate(items[next_item]):
+                pending[loop.core.add(prompt, params, options)] = (next_item, position)
+            next_item += 1
+
+    partial: dict[str, Completion] = {}
+    admit()
+    while done:
         for delta in asyncio.run(loop.core.step()):
-            if delta.seq_id in done:
-                done[delta.seq_id].add(delta)
-    return [done[i] for i in ids]
+            if delta.seq_id not in pending:
+                continue
+            completion = partial.setdefault(delta.seq_id, Completion())
+            completion.add(delta)
+            if completion.finished:
+                item, position = pending.pop(delta.seq_id)
+                done[item][position] = partial.pop(delta.seq_id)
+        for item in [i for i, outcomes in done.items() if all(o is not None for o in outcomes)]:
+            yield item, [o for o in done.pop(item) if o is not None]
+        admit()
 
 
 def prompt_of(question: GenerationQuestion) -> Prompt:
@@ -299,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--debate-temperature", type=float, default=0.0)
     parser.add_argument("--member-accuracy", help="mux tie-breaker: dev accuracy per member, config order")
     parser.add_argument("--max-tokens", type=int, help="cap every answer's tokens (smoke tests)")
-    parser.add_argument("--chunk", type=int, default=2, help="questions generated together")
+    parser.add_argument("--chunk", type=int, default=2, help="question parts in flight at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -333,18 +360,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if todo:
         loop = EnsembleLoop.from_config(config, device="cpu")
         with log_path.open("a") as log:
-            for start in range(0, len(todo), args.chunk):
-                chunk = todo[start : start + args.chunk]
-                requests = [part_requests(p, q, names, args) for q, p in chunk]
-                outcomes = run_all(loop, [r for rs in requests for r in rs])
-                at = 0
-                for (q, p), rs in zip(chunk, requests, strict=True):
-                    record = part_record(p, q, names, outcomes[at : at + len(rs)])
-                    at += len(rs)
-                    records[(q.id, p)] = record
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                print(f"  {min(start + args.chunk, len(todo))}/{len(todo)}", flush=True)
+            items = [part_requests(p, q, names, args) for q, p in todo]
+            for finished, (index, outcomes) in enumerate(run_rolling(loop, items, args.chunk), start=1):
+                q, p = todo[index]
+                record = part_record(p, q, names, outcomes)
+                records[(q.id, p)] = record
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                print(f"  {finished}/{len(todo)}", flush=True)
     lines = curves(questions, records, names, args.samples, accuracy)
     summary = {"task": args.task, "questions": len(questions), "members": names, "curves": lines}
     (args.out / f"{args.task}.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -35,3 +35,26 @@ def test_vote_mux_and_each_member_alone_pick_by_agreement() -> None:
     assert lines["vote b alone"] == {1: 0.0, 2: 0.0, 3: 0.0}
     # mux with k samples per member takes the member whose samples agree most: b (5, 5, 5) at k=3.
     assert lines["mux"][6] == 0.0
+
+
+def test_rolling_window_returns_every_item_with_its_own_completions(tiny_models) -> None:
+    """Items finish out of order and are refilled; each item's completions are its own requests'."""
+    from bench.answer_curves import run_rolling
+    from consort.runtime.prompts import Prompt
+    from consort.runtime.sampling import SamplingParams
+    from consort.runtime.types import RequestOptions
+    from tests.unit.conftest import make_loop
+
+    loop = make_loop(tiny_models, [("smollm2", "smollm2-135m-instruct")], strategy="mean", main="smollm2")
+    items = [
+        [(Prompt(text=f"Item {i}:"), SamplingParams(temperature=0.0, max_tokens=n), RequestOptions())]
+        for i, n in enumerate([6, 1, 3, 2, 5])
+    ]
+    finished = list(run_rolling(loop, items, window=2))
+    assert sorted(i for i, _ in finished) == list(range(5))
+    # The short item 1 overtakes item 0, which started first.
+    assert [i for i, _ in finished].index(1) < [i for i, _ in finished].index(0)
+    for index, outcomes in finished:
+        (alone,) = list(run_rolling(loop, [items[index]], window=1))
+        assert [o.text for o in outcomes] == [o.text for o in alone[1]]
+        assert outcomes[0].completion_tokens == items[index][0][1].max_tokens
