@@ -43,6 +43,7 @@ from consort.runtime.cot_decoding import best_paths
 from consort.runtime.evaluation.metrics import run_code, score_generation
 from consort.runtime.evaluation.questions import question_seed
 from consort.runtime.evaluation.registry import load_task
+from consort.runtime.evaluation.report import sign_test
 from consort.runtime.evaluation.specs import GenerationQuestion
 from consort.runtime.loop import EnsembleLoop
 from consort.runtime.prompts import ChatMessage, Prompt
@@ -184,22 +185,23 @@ def _selectable(question: GenerationQuestion, text: str) -> str:
     return cut_at_stop(text, question.stop) if question.answer_kind == "code" else text
 
 
-def curves(
+def outcomes(
     questions: Sequence[GenerationQuestion],
     records: dict[tuple[str, str], dict[str, Any]],
     names: list[str],
     grid: Sequence[int],
     accuracy: dict[str, float],
-) -> dict[str, dict[int, float]]:
-    """Strategy -> {answers drawn per question: accuracy}, over the questions every part of it has."""
+) -> dict[str, dict[int, dict[str, bool]]]:
+    """Strategy -> {answers drawn per question: {question id: right}}, over the questions each part has."""
     m = len(names)
     ks = sorted({max(1, n // m) for n in grid})
-    points: dict[str, dict[int, list[bool]]] = {}
-
-    def add(strategy: str, x: int, ok: bool) -> None:
-        points.setdefault(strategy, {}).setdefault(x, []).append(ok)
+    points: dict[str, dict[int, dict[str, bool]]] = {}
 
     for q in questions:
+
+        def add(strategy: str, x: int, ok: bool, qid: str = q.id) -> None:
+            points.setdefault(strategy, {}).setdefault(x, {})[qid] = ok
+
         kind = kind_of(q)
         samples = records.get((q.id, "samples"))
         if samples is not None:
@@ -256,7 +258,46 @@ def curves(
                 texts = [answers[name] for name in names if name in answers]
                 chosen = select_answer([_selectable(q, t) for t in texts], kind=kind)
                 add("debate", len(texts) * (r + 1), correct[texts[chosen.index]])
-    return {s: {x: sum(oks) / len(oks) for x, oks in sorted(xs.items())} for s, xs in points.items()}
+    return points
+
+
+def curves(
+    questions: Sequence[GenerationQuestion],
+    records: dict[tuple[str, str], dict[str, Any]],
+    names: list[str],
+    grid: Sequence[int],
+    accuracy: dict[str, float],
+) -> dict[str, dict[int, float]]:
+    """Strategy -> {answers drawn per question: accuracy}, over the questions every part of it has."""
+    points = outcomes(questions, records, names, grid, accuracy)
+    return {
+        s: {x: sum(oks.values()) / len(oks) for x, oks in sorted(xs.items())} for s, xs in points.items()
+    }
+
+
+def against_best_greedy(points: dict[str, dict[int, dict[str, bool]]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Each point against the best member's greedy answers on the same questions: won/lost and the
+    exact sign test (the issue's bar is the best member's greedy accuracy)."""
+    greedy = {s: xs[1] for s, xs in points.items() if s.endswith(" greedy")}
+    if not greedy:
+        return {}
+    best_name, best = max(greedy.items(), key=lambda kv: sum(kv[1].values()) / len(kv[1]))
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for strategy, xs in points.items():
+        if strategy.endswith(" greedy"):
+            continue
+        for x, oks in xs.items():
+            shared = [q for q in oks if q in best]
+            won = sum(1 for q in shared if oks[q] and not best[q])
+            lost = sum(1 for q in shared if best[q] and not oks[q])
+            out.setdefault(strategy, {})[x] = {
+                "against": best_name,
+                "questions": len(shared),
+                "won": won,
+                "lost": lost,
+                "p": sign_test(won, lost),
+            }
+    return out
 
 
 class _Path:
@@ -361,19 +402,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         loop = EnsembleLoop.from_config(config, device="cpu")
         with log_path.open("a") as log:
             items = [part_requests(p, q, names, args) for q, p in todo]
-            for finished, (index, outcomes) in enumerate(run_rolling(loop, items, args.chunk), start=1):
+            for finished, (index, completions) in enumerate(run_rolling(loop, items, args.chunk), start=1):
                 q, p = todo[index]
-                record = part_record(p, q, names, outcomes)
+                record = part_record(p, q, names, completions)
                 records[(q.id, p)] = record
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 print(f"  {finished}/{len(todo)}", flush=True)
+    points = outcomes(questions, records, names, args.samples, accuracy)
     lines = curves(questions, records, names, args.samples, accuracy)
-    summary = {"task": args.task, "questions": len(questions), "members": names, "curves": lines}
+    tests = against_best_greedy(points)
+    summary = {
+        "task": args.task,
+        "questions": len(questions),
+        "members": names,
+        "curves": lines,
+        "against_best_greedy": tests,
+    }
     (args.out / f"{args.task}.json").write_text(json.dumps(summary, indent=2) + "\n")
     chart(args.out / f"{args.task}.png", args.task, lines, len(questions), names)
     for strategy, values in lines.items():
         print(f"  {strategy:>16}: " + "  ".join(f"{x}: {100 * v:.1f}" for x, v in values.items()))
+        for x, test in tests.get(strategy, {}).items():
+            print(f"  {'':>16}  {x}: {test['won']}/{test['lost']} against {test['against']} (p={test['p']:.3g})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.answer_curves import curves
+from bench.answer_curves import against_best_greedy, curves, outcomes
 from consort.runtime.evaluation.specs import GenerationQuestion
 
 
@@ -54,7 +54,29 @@ def test_rolling_window_returns_every_item_with_its_own_completions(tiny_models)
     assert sorted(i for i, _ in finished) == list(range(5))
     # The short item 1 overtakes item 0, which started first.
     assert [i for i, _ in finished].index(1) < [i for i, _ in finished].index(0)
-    for index, outcomes in finished:
+    for index, completions in finished:
         (alone,) = list(run_rolling(loop, [items[index]], window=1))
-        assert [o.text for o in outcomes] == [o.text for o in alone[1]]
-        assert outcomes[0].completion_tokens == items[index][0][1].max_tokens
+        assert [o.text for o in completions] == [o.text for o in alone[1]]
+        assert completions[0].completion_tokens == items[index][0][1].max_tokens
+
+
+def test_points_are_tested_against_the_best_greedy_member_on_the_same_questions() -> None:
+    points = {
+        "a greedy": {1: {"q1": True, "q2": False, "q3": False}},
+        "b greedy": {1: {"q1": True, "q2": True, "q3": False}},  # the best member: 2 of 3
+        "vote": {3: {"q1": False, "q2": True, "q3": True}, 5: {"q1": True, "q3": True}},
+    }
+    tests = against_best_greedy(points)
+    assert tests["vote"][3] == {"against": "b greedy", "questions": 3, "won": 1, "lost": 1, "p": 1.0}
+    assert tests["vote"][5]["questions"] == 2 and (tests["vote"][5]["won"], tests["vote"][5]["lost"]) == (1, 0)
+    assert "a greedy" not in tests
+
+
+def test_outcomes_keep_which_question_each_point_comes_from() -> None:
+    record = {
+        "members": {"a": {"greedy": "= 7", "samples": ["= 7"]}, "b": {"greedy": "= 5", "samples": ["= 5"]}},
+        "correct": {"= 7": True, "= 5": False},
+    }
+    points = outcomes([_question("q9")], {("q9", "samples"): record}, ["a", "b"], [1], {})
+    assert points["a greedy"] == {1: {"q9": True}}
+    assert points["b greedy"] == {1: {"q9": False}}
