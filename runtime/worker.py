@@ -132,6 +132,7 @@ class MemberWorker:
                     if w.echo and w.echo_prefixes
                 },
             )
+            relatives = []
             for work in computing:
                 out, result = outputs[work.seq_id], results[work.seq_id]
                 result.top_ids, result.top_logprobs, result.logprobs = out.top_ids, out.top_logprobs, out.logprobs
@@ -144,15 +145,20 @@ class MemberWorker:
                     result.echo_logprobs, result.echo_top = out.echo_logprobs, out.echo_top
                     result.echo_masses = out.echo_masses
                 if work.relative:
-                    self._add_relative(result)
+                    relatives.append(result)
+            self._add_relatives(relatives)
         return [results[w.seq_id] for w in works]
 
-    def _add_relative(self, result: SeqResult) -> None:
-        """DeePEn: the result's relative vector, and the keys of its top tokens, which the main member
-        needs to map this member's candidates into its vocabulary."""
-        result.relative = self.project(result.top_ids, result.top_logprobs)
-        top = result.top_ids[: self._relative_top_k].tolist()
-        result.top_keys = [member_key(self.table, token_id) for token_id in top]
+    def _add_relatives(self, results: Sequence[SeqResult]) -> None:
+        """DeePEn: each result's relative vector (all of them in one batched projection), and the keys
+        of its top tokens, which the main member needs to map this member's candidates into its vocabulary."""
+        if not results:
+            return
+        vectors = self.project_many([(r.top_ids, r.top_logprobs) for r in results])
+        for result, vector in zip(results, vectors, strict=True):
+            result.relative = vector
+            top = result.top_ids[: self._relative_top_k].tolist()
+            result.top_keys = [member_key(self.table, token_id) for token_id in top]
 
     def _echo_positions(self, work: SeqWork) -> list[SeqResult | None]:
         """Echo under DeePEn: this member's result before each piece (see runtime/echo_positions.py).
@@ -172,10 +178,11 @@ class MemberWorker:
             if out is None:
                 results.append(None)
                 continue
-            result = SeqResult(work.seq_id, top_ids=out.top_ids, top_logprobs=out.top_logprobs, logprobs=out.logprobs)
-            if work.relative:
-                self._add_relative(result)
-            results.append(result)
+            results.append(
+                SeqResult(work.seq_id, top_ids=out.top_ids, top_logprobs=out.top_logprobs, logprobs=out.logprobs)
+            )
+        if work.relative:
+            self._add_relatives([r for r in results if r is not None])
         return results
 
     def finish_inverts(
@@ -186,6 +193,8 @@ class MemberWorker:
         earlier round) and the other members' results of the same round (`peers`), written into
         this member's result (`candidate_ids`, `inverted`)."""
         by_peer = {name: {r.seq_id: r for r in replies} for name, replies in peers.items()}
+        # Batched by search settings (the ensemble's, unless a request chose its own).
+        searches: dict[tuple[int, float], list[tuple[SeqResult, InvertWork]]] = {}
         for work, result in zip(works, results, strict=True):
             spec = work.invert
             if spec is None:
@@ -213,8 +222,11 @@ class MemberWorker:
                 answers[name], keys[name] = peer, peer.top_keys[: spec.top_k]
             weights = dict(zip(spec.members, spec.weights, strict=True))
             invert = build_invert_work(work.seq_id, self.name, self.table, weights, answers, keys, spec.top_k)
-            (result.inverted,) = self.invert([invert], steps=spec.steps, learning_rate=spec.learning_rate)
-            result.candidate_ids = invert.candidate_ids
+            searches.setdefault((spec.steps, spec.learning_rate), []).append((result, invert))
+        for (steps, learning_rate), group in searches.items():
+            searched = self.invert([w for _, w in group], steps=steps, learning_rate=learning_rate)
+            for (result, invert), inverted in zip(group, searched, strict=True):
+                result.inverted, result.candidate_ids = inverted, invert.candidate_ids
 
     def _finish_echo_inverts(
         self, work: SeqWork, spec: InvertSpec, result: SeqResult, by_peer: Mapping[str, Mapping[str, SeqResult]]
@@ -256,21 +268,26 @@ class MemberWorker:
                 own.logprobs = None  # used here; the whole vocabulary at every position need not travel
 
     # -- DeePEn --------------------------------------------------------------------------------
-    def project(self, top_ids: torch.Tensor, top_logprobs: torch.Tensor) -> torch.Tensor:
-        if self._space is None:
-            raise RuntimeError(f"member {self.name!r} has no anchors; the deepen strategy sets them at start-up")
+    def project_many(self, tops: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Relative vectors [B, A] of (top ids, top log-probs) distributions, cut to relative_top_k."""
+        space = self._relative_space()
         k = self._relative_top_k
-        return self._space.project(top_ids[:k], top_logprobs[:k])
+        return space.project_many([ids[:k] for ids, _ in tops], [values[:k] for _, values in tops])
 
     def invert(self, works: Sequence[InvertWork], *, steps: int, learning_rate: float) -> list[torch.Tensor]:
+        space = self._relative_space()
+        return space.invert_many(
+            [w.target for w in works],
+            [w.candidate_ids for w in works],
+            [self._initial(w) for w in works],
+            steps=steps,
+            learning_rate=learning_rate,
+        )
+
+    def _relative_space(self) -> RelativeSpace:
         if self._space is None:
             raise RuntimeError(f"member {self.name!r} has no anchors; the deepen strategy sets them at start-up")
-        return [
-            self._space.invert(
-                w.target, w.candidate_ids, self._initial(w), steps=steps, learning_rate=learning_rate
-            )
-            for w in works
-        ]
+        return self._space
 
     def _initial(self, work: InvertWork) -> torch.Tensor:
         """Where the search starts: this member's own log-probs of the candidates, renormalised.
