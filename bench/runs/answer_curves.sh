@@ -1,0 +1,23 @@
+#!/bin/bash
+# Issue 15, item 2: accuracy against answers per question for vote / mux / each member voting alone,
+# the two Qwen2.5-Coder members in bf16 (bench/runs/pair_configs/qwen-coders-bf16.yaml). Resumable:
+# every finished question is a line of results/answer-curves/<task>.jsonl; rerun to go on.
+#
+#   TASKS="gsm8k_chat humaneval" LIMIT=100 CONSORT=bench/runs/frozen_consort.sh nohup nice -n 10 bash bench/runs/answer_curves.sh &
+#
+# 5 samples per member (x = 1, 3, 5, 10 answers) and each member's greedy answer: about 12 answers
+# per question, ~2.5 min a GSM8K question on this 2-core machine with nothing else running.
+cd "$(dirname "$0")/../.." || exit 1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
+TASKS="${TASKS:-gsm8k_chat humaneval}"
+LIMIT="${LIMIT:-100}"
+PARTS="${PARTS:-samples}"
+mkdir -p results/answer-curves
+for task in $TASKS; do
+  echo "$(date -Is) start $task limit $LIMIT parts $PARTS" >> results/answer-curves/timing.log
+  started=$SECONDS
+  if [ -n "${CONSORT:-}" ]; then run=("$CONSORT" -m bench.answer_curves); else run=(.venv/bin/python -m bench.answer_curves); fi
+  "${run[@]}" --config bench/runs/pair_configs/qwen-coders-bf16.yaml --task "$task" --limit "$LIMIT" \
+    --samples 1,3,5,10 --parts "$PARTS" --chunk 8 --out results/answer-curves >> "results/answer-curves/$task.log" 2>&1
+  echo "$(date -Is) end $task rc=$? wall_s=$((SECONDS - started))" >> results/answer-curves/timing.log
+done
