@@ -29,7 +29,7 @@ for group in $GROUPS_TO_RUN; do
   for m in $MEMBERS; do
     case $group in
       mc) run "$m" mc --tasks sciq,csqa,hellaswag,openbookqa,winogrande,boolq,socialiqa --limit 300 ;;
-      code) run "$m" code --tasks humaneval,mbpp ;;
+      code) run "$m" code --tasks humaneval,mbpp --limit 200 ;;  # all 164 HumanEval, the first 200 MBPP
       gsm8k_chat) run "$m" gsm8k_chat --tasks gsm8k_chat --limit 200 ;;
     esac
   done
