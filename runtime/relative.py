@@ -176,7 +176,8 @@ class RelativeSpace:
             else:
                 logits = torch.where(searching[:, None], logits * (1 - rate * _WEIGHT_DECAY) - update, logits)
         out = torch.log_softmax(logits, dim=-1).cpu()
-        return [out[i, : len(c)] for i, c in enumerate(candidate_ids)]
+        # Each its own memory: a view would carry the whole batch into Ray's serialisation.
+        return [out[i, : len(c)].clone() for i, c in enumerate(candidate_ids)]
 
 
 def _padded(

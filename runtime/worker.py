@@ -156,7 +156,7 @@ class MemberWorker:
             return
         vectors = self.project_many([(r.top_ids, r.top_logprobs) for r in results])
         for result, vector in zip(results, vectors, strict=True):
-            result.relative = vector
+            result.relative = vector.clone()  # its own memory: a row view would ship the whole batch's
             top = result.top_ids[: self._relative_top_k].tolist()
             result.top_keys = [member_key(self.table, token_id) for token_id in top]
 
