@@ -47,7 +47,7 @@ def test_rolling_window_returns_every_item_with_its_own_completions(tiny_models)
 
     loop = make_loop(tiny_models, [("smollm2", "smollm2-135m-instruct")], strategy="mean", main="smollm2")
     items = [
-        [(Prompt(text=f"Item {i}:"), SamplingParams(temperature=0.0, max_tokens=n), RequestOptions())]
+        [(Prompt(text=f"Item {i}:"), SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), RequestOptions())]
         for i, n in enumerate([6, 1, 3, 2, 5])
     ]
     finished = list(run_rolling(loop, items, window=2))
