@@ -3,11 +3,11 @@
     python -m bench.answer_curves --config examples/qwen-coders.yaml --task gsm8k_chat --limit 200 \
         --out results/answer_curves [--samples 1,3,5,10,20] [--parts samples,cot,debate]
 
-In process (no Ray), --chunk question parts in flight (a finished one replaced at once), every part of a question written to
-`<out>/<task>.jsonl` as soon as it is done, so an interrupted run resumes where it stopped
-(a line per question and part; rerun the same command). At the end `<out>/<task>.json`
-holds the curves and `<out>/<task>.png` draws them, with the best member's greedy accuracy
-as a dashed line.
+In process (no Ray), --chunk question parts in flight (a finished one replaced at once), every
+part of a question written to `<out>/<task>.jsonl` as soon as it is done, so an interrupted run
+resumes where it stopped (a line per question and part; rerun the same command). At the end
+`<out>/<task>.json` holds the curves and each point's paired sign test against the best member's
+greedy answers, and `<out>/<task>.png` draws them, with that greedy accuracy as a dashed line.
 
 What runs per question (M members, N = the largest of --samples):
 
@@ -15,7 +15,9 @@ What runs per question (M members, N = the largest of --samples):
   `vote` over n answers is the first n in the order the strategy draws them (member i mod M,
   its (i div M)-th sample); `mux` with k answers per member is each member's first k (x = k*M).
   Both are chosen with the strategies' own selection functions (`vote.select_answer`,
-  `vote.select_member`) over this one pool, as Agent Forest draws its curves.
+  `vote.select_member`) over this one pool, as Agent Forest draws its curves. "vote NAME alone"
+  is each member voting over its own first n samples (self-consistency): the bar a mixture of
+  members must clear to be worth more than its best member.
 - cot: the `vote` strategy with cot_branches = ceil(N / M), run as served; its diagnostics hold
   every branch and its margin. `vote+cot` and `mux+cot` with k branches per member keep the
   branches of first-token rank < k (x = k*M).
