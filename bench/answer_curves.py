@@ -263,15 +263,8 @@ def outcomes(
     return points
 
 
-def curves(
-    questions: Sequence[GenerationQuestion],
-    records: dict[tuple[str, str], dict[str, Any]],
-    names: list[str],
-    grid: Sequence[int],
-    accuracy: dict[str, float],
-) -> dict[str, dict[int, float]]:
-    """Strategy -> {answers drawn per question: accuracy}, over the questions every part of it has."""
-    points = outcomes(questions, records, names, grid, accuracy)
+def curves(points: dict[str, dict[int, dict[str, bool]]]) -> dict[str, dict[int, float]]:
+    """Strategy -> {answers drawn per question: accuracy}, from `outcomes`."""
     return {
         s: {x: sum(oks.values()) / len(oks) for x, oks in sorted(xs.items())} for s, xs in points.items()
     }
@@ -412,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 log.flush()
                 print(f"  {finished}/{len(todo)}", flush=True)
     points = outcomes(questions, records, names, args.samples, accuracy)
-    lines = curves(questions, records, names, args.samples, accuracy)
+    lines = curves(points)
     tests = against_best_greedy(points)
     summary = {
         "task": args.task,

@@ -24,7 +24,7 @@ def test_vote_mux_and_each_member_alone_pick_by_agreement() -> None:
         "correct": {"= 3": False, "= 7!": True, "= 7": True, "= 5": False},
     }
     question = _question("q1")
-    lines = curves([question], {("q1", "samples"): record}, ["a", "b"], [1, 2, 3, 6], {})
+    lines = curves(outcomes([question], {("q1", "samples"): record}, ["a", "b"], [1, 2, 3, 6], {}))
     assert lines["a greedy"] == {1: 0.0}
     assert lines["b greedy"] == {1: 1.0}
     # vote over n answers drawn in turn a, b, a, b, ...: n=1 takes a's first (7); n=2 ties 7 vs 5 and the
