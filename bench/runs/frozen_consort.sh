@@ -19,20 +19,15 @@ if [ ! -f "$target/.installed" ]; then
   touch "$target/.installed"
 fi
 # -S: no site-packages .pth files, so the editable install of the working tree cannot win.
+# `-m MODULE` runs that module of the frozen tree; anything else goes to `consort` itself.
+module=consort
 if [ "${1:-}" = "-m" ]; then
   module="$2"
   shift 2
-  exec "$root/.venv/bin/python" -S -c "
+fi
+exec "$root/.venv/bin/python" -S -c "
 import runpy, sys
 sys.path[:0] = ['$target', '$root/.venv/lib/python3.11/site-packages']
 sys.argv[0] = '$module'
 runpy.run_module('$module', run_name='__main__', alter_sys=True)
-" "$@"
-fi
-exec "$root/.venv/bin/python" -S -c "
-import sys
-sys.path[:0] = ['$target', '$root/.venv/lib/python3.11/site-packages']
-sys.argv[0] = 'consort'
-from consort.cli import main
-sys.exit(main())
 " "$@"
