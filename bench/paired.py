@@ -35,8 +35,12 @@ def load(folder: Path, strategy: str) -> dict[tuple[str, str], tuple[bool, objec
     out = {}
     for record in records:
         answer = entry(record, strategy)
-        out[(record["task"], record["id"])] = (bool(answer["correct"]), answer.get("pick", answer.get("answer")))
+        out[(record["task"], record["id"])] = _outcome(answer)
     return out
+
+
+def _outcome(answer: dict) -> tuple[bool, object]:
+    return bool(answer["correct"]), answer.get("pick", answer.get("answer"))
 
 
 def _best_member(records: list[dict]) -> dict[tuple[str, str], tuple[bool, object]]:
@@ -48,7 +52,7 @@ def _best_member(records: list[dict]) -> dict[tuple[str, str], tuple[bool, objec
     out = {}
     for record in records:
         answer = record["members"][best[record["task"]]]
-        out[(record["task"], record["id"])] = (bool(answer["correct"]), answer.get("pick", answer.get("answer")))
+        out[(record["task"], record["id"])] = _outcome(answer)
     return out
 
 
