@@ -4,7 +4,8 @@
         --out docs/routing
 
 Reads <records>/<member>/<group>/predictions.jsonl (whatever exists: members with no records are
-left out and said so), keeps the questions every chosen member answered, splits them dev/test by a
+left out and said so; each file gives only the answers of the member its folder names, so a folder
+may link to a pair's run), keeps the questions every chosen member answered, splits them dev/test by a
 hash of the question id (runtime/routing/records.py), fits every router on dev only and measures on
 test only:
 
@@ -42,7 +43,7 @@ from consort.runtime.routing.records import (
     Split,
     complete_for,
     find_predictions,
-    read_predictions,
+    read_records,
 )
 from consort.runtime.routing.store import FeedbackEvent
 
@@ -274,7 +275,7 @@ def run(
     seed: int = 0,
 ) -> dict[str, Any]:
     paths = find_predictions(records, group)
-    merged = read_predictions(paths)
+    merged = read_records(records, group)
     found = sorted({m for r in merged.values() for m in r.correct})
     wanted = list(members) if members else found
     present = [m for m in wanted if m in found]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,10 +49,18 @@ class Split:
         return [r for r in records if self.is_test(r.key)]
 
 
-def read_predictions(paths: Iterable[Path]) -> dict[str, QuestionRecord]:
-    """Merge prediction files into one record per question (a question's members come from every file)."""
+def read_predictions(
+    paths: Iterable[Path], *, owner_of: Callable[[Path], str] | None = None
+) -> dict[str, QuestionRecord]:
+    """Merge prediction files into one record per question (a question's members come from every file).
+
+    With `owner_of`, a file contributes only the answers of the member it names for that file's
+    path, and a file without that member is an error.
+    """
     out: dict[str, QuestionRecord] = {}
     for path in paths:
+        owner = owner_of(path) if owner_of is not None else None
+        seen_owner = False
         with path.open() as handle:
             for line_no, line in enumerate(handle, 1):
                 if not line.strip():
@@ -67,8 +75,16 @@ def read_predictions(paths: Iterable[Path]) -> dict[str, QuestionRecord]:
                     key, QuestionRecord(row["task"], str(row["id"]), row.get("question") or "")
                 )
                 for member, answer in members.items():
+                    if owner is not None and member != owner:
+                        continue
+                    seen_owner = True
                     if isinstance(answer, Mapping) and answer.get("correct") is not None:
                         record.correct[member] = bool(answer["correct"])
+        if owner is not None and not seen_owner:
+            raise InvalidRequest(
+                f"{path} is in the folder of member {owner!r} but holds no answer of {owner!r}; "
+                "name the folder after the member whose records it holds"
+            )
     return out
 
 
@@ -76,6 +92,21 @@ def find_predictions(root: Path, group: str | None = None) -> list[Path]:
     """Every <root>/<member>/<group>/predictions.jsonl (of one group, or all)."""
     pattern = f"*/{group}/predictions.jsonl" if group else "*/*/predictions.jsonl"
     return sorted(root.glob(pattern))
+
+
+def member_folder(path: Path) -> str:
+    """The member a <root>/<member>/<group>/predictions.jsonl belongs to."""
+    return path.parent.parent.name
+
+
+def read_records(root: Path, group: str | None = None) -> dict[str, QuestionRecord]:
+    """The layout's records, each file contributing only the member its folder names.
+
+    A member's folder may link to an ensemble's run holding several members (a pair's `consort
+    eval` also answers each member alone): only the named member is read from it, so linking a
+    pair's run in never overwrites another member's own run of the same questions.
+    """
+    return read_predictions(find_predictions(root, group), owner_of=member_folder)
 
 
 def complete_for(records: Mapping[str, QuestionRecord], members: Iterable[str]) -> list[QuestionRecord]:

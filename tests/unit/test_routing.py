@@ -22,7 +22,7 @@ from consort.runtime.routing.config import BanditConfig, EloConfig
 from consort.runtime.routing.cost import CostModel
 from consort.runtime.routing.embed import HashingEmbedder
 from consort.runtime.routing.learned import LearnedModel, LearnedRouter, TrainingLeak, choose_strong, train
-from consort.runtime.routing.records import QuestionRecord, Split, read_predictions
+from consort.runtime.routing.records import QuestionRecord, Split, read_predictions, read_records
 from consort.runtime.routing.store import FeedbackEvent, RoutingStore
 from consort.runtime.sampling import SamplingParams
 from consort.runtime.types import RequestOptions
@@ -419,3 +419,24 @@ def test_route_train_cli_writes_a_router_from_dev_questions_only(tmp_path: Path,
 
     routing = Routing(config.route, ["cheap", "strong"])
     assert routing.decide("quantum physics energy level")["members"] == ["strong"]
+
+
+def test_a_member_folder_contributes_only_its_member(tmp_path: Path) -> None:
+    """A folder linked to a pair's run (both members alone in one file) gives the named member only,
+    so it never overwrites the other member's own records of the same questions."""
+    rows = {
+        "x": {"x": {"correct": True}},
+        "pair": {"x": {"correct": False}, "y": {"correct": True}},
+    }
+    for folder_name, members in rows.items():
+        folder = tmp_path / ("y" if folder_name == "pair" else folder_name) / "mc"
+        folder.mkdir(parents=True)
+        row = {"task": "sciq", "id": "0", "question": "Q?", "members": members}
+        (folder / "predictions.jsonl").write_text(json.dumps(row) + "\n")
+    assert read_records(tmp_path, "mc")["sciq/0"].correct == {"x": True, "y": True}
+    (tmp_path / "z" / "mc").mkdir(parents=True)
+    (tmp_path / "z" / "mc" / "predictions.jsonl").write_text(
+        json.dumps({"task": "sciq", "id": "0", "question": "Q?", "members": {"x": {"correct": True}}}) + "\n"
+    )
+    with pytest.raises(InvalidRequest, match="'z'"):
+        read_records(tmp_path, "mc")
