@@ -1,10 +1,10 @@
 """Members alone on the same questions, and what a pair of them could reach together.
 
-    python -m bench.member_pairs results/part3 [--markdown]
+    python -m bench.member_pairs results/members [--group mc] [--markdown]
 
-Reads every `predictions.jsonl` under the folder (one evaluation per member, `consort eval
---strategies members`, as `results/part3/run.sh` writes them), keeps each question that every
-member answered, and prints per task: each member's accuracy, and per pair the oracle (either
+Reads <folder>/<member>/<group>/predictions.jsonl (`consort eval --strategies members`, or a link to
+a pair's run: each file gives only the answers of the member its folder names), keeps per task the
+questions every member answered, and prints each member's accuracy, and per pair the oracle (either
 member right: the most an ensemble of the two can score by choosing well) and how their errors
 overlap (both wrong, as a share of the questions either gets wrong: 1 = the same mistakes, 0 =
 never the same).
@@ -13,29 +13,49 @@ never the same).
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
 
+from consort.runtime.routing.records import read_records
 
-def load(folder: Path) -> dict[str, dict[str, dict[str, bool]]]:
-    """task -> question id -> member -> correct, over every predictions file under `folder`."""
-    table: dict[str, dict[str, dict[str, bool]]] = defaultdict(lambda: defaultdict(dict))
-    for path in sorted(folder.rglob("predictions.jsonl")):
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            for member, entry in record["members"].items():
-                table[record["task"]][record["id"]][member] = bool(entry["correct"])
+Table = dict[str, dict[str, dict[str, bool]]]
+
+
+def load(folder: Path, group: str | None = None) -> Table:
+    """task -> question id -> member -> correct."""
+    table: Table = defaultdict(dict)
+    for record in read_records(folder, group).values():
+        table[record.task][record.id] = dict(record.correct)
     return table
 
 
-def report(table: dict[str, dict[str, dict[str, bool]]], markdown: bool) -> None:
+def shared_questions(questions: dict[str, dict[str, bool]]) -> tuple[list[str], dict[str, dict[str, bool]]]:
+    members = sorted({m for answers in questions.values() for m in answers})
+    return members, {q: a for q, a in questions.items() if set(a) == set(members)}
+
+
+def members_table(table: Table) -> str:
+    """One markdown row per task: N and each member's accuracy on the questions all of them answered."""
+    members = sorted({m for questions in table.values() for answers in questions.values() for m in answers})
+    lines = ["| task | N | " + " | ".join(members) + " |", "|---|---:|" + "---:|" * len(members)]
     for task, questions in sorted(table.items()):
-        members = sorted({m for answers in questions.values() for m in answers})
-        shared = {q: a for q, a in questions.items() if set(a) == set(members)}
+        present, shared = shared_questions(questions)
+        if not shared:
+            continue
+        cells = [
+            f"{100 * sum(a[m] for a in shared.values()) / len(shared):.1f}" if m in present else "–"
+            for m in members
+        ]
+        lines.append(f"| {task} | {len(shared)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(table: Table, markdown: bool) -> None:
+    if markdown:
+        print(members_table(table))
+    for task, questions in sorted(table.items()):
+        members, shared = shared_questions(questions)
         n = len(shared)
         if not n:
             continue
@@ -58,10 +78,11 @@ def report(table: dict[str, dict[str, dict[str, bool]]], markdown: bool) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", type=Path, help="<folder>/<member>/<group>/predictions.jsonl")
+    parser.add_argument("--group", help="only this group of records (mc, code, gsm8k_chat)")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
-    report(load(args.folder), args.markdown)
+    report(load(args.folder, args.group), args.markdown)
 
 
 if __name__ == "__main__":
