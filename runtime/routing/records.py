@@ -55,12 +55,12 @@ def read_predictions(
     """Merge prediction files into one record per question (a question's members come from every file).
 
     With `owner_of`, a file contributes only the answers of the member it names for that file's
-    path, and a file without that member is an error.
+    path, and a file whose rows hold no answer of that member is an error.
     """
     out: dict[str, QuestionRecord] = {}
     for path in paths:
         owner = owner_of(path) if owner_of is not None else None
-        seen_owner = False
+        rows = seen_owner = False
         with path.open() as handle:
             for line_no, line in enumerate(handle, 1):
                 if not line.strip():
@@ -71,6 +71,7 @@ def read_predictions(
                     members = row["members"]
                 except (json.JSONDecodeError, KeyError, TypeError) as error:
                     raise InvalidRequest(f"{path}:{line_no} is not a prediction record ({error})") from error
+                rows = True
                 record = out.setdefault(
                     key, QuestionRecord(row["task"], str(row["id"]), row.get("question") or "")
                 )
@@ -80,7 +81,8 @@ def read_predictions(
                     seen_owner = True
                     if isinstance(answer, Mapping) and answer.get("correct") is not None:
                         record.correct[member] = bool(answer["correct"])
-        if owner is not None and not seen_owner:
+        # An empty file is a run that has not answered yet; rows without the owner are a misnamed folder.
+        if owner is not None and rows and not seen_owner:
             raise InvalidRequest(
                 f"{path} is in the folder of member {owner!r} but holds no answer of {owner!r}; "
                 "name the folder after the member whose records it holds"

@@ -435,6 +435,8 @@ def test_a_member_folder_contributes_only_its_member(tmp_path: Path) -> None:
         (folder / "predictions.jsonl").write_text(json.dumps(row) + "\n")
     assert read_records(tmp_path, "mc")["sciq/0"].correct == {"x": True, "y": True}
     (tmp_path / "z" / "mc").mkdir(parents=True)
+    (tmp_path / "z" / "mc" / "predictions.jsonl").write_text("")  # a run that has not answered yet
+    assert set(read_records(tmp_path, "mc")["sciq/0"].correct) == {"x", "y"}
     (tmp_path / "z" / "mc" / "predictions.jsonl").write_text(
         json.dumps({"task": "sciq", "id": "0", "question": "Q?", "members": {"x": {"correct": True}}}) + "\n"
     )
