@@ -1,13 +1,14 @@
 """Where two members pick different choices, who is right: the cause a score fusion can or cannot gain.
 
-    python -m bench.disagreements results/pairs/gemma-qwen05-bf16/mc gemma3 qwen05 [--markdown]
+    python -m bench.disagreements results/pairs/gemma-qwen05-bf16/mc gemma3 qwen05
 
 Reads a multiple-choice `consort eval --out` run that scored both members (and the ensemble's
 strategies) on the same questions. On the questions where the two members' picks differ it counts
-each member right, the *surer* member right (the one whose own pick has the higher probability
-after normalising its choice scores) and each strategy right. A fusion of the members' scores can
-only beat the better member if confidence tells who is right where they disagree: if the surer
-member is right no more often than the better member, mixing takes as many questions as it loses.
+each member right, the *surer* member right (the one whose own pick has the higher probability: a
+softmax over the task's normalised choice scores, the ones its pick compared) and each strategy
+right. A fusion of the members' scores can only beat the better member if confidence tells who is
+right where they disagree: if the surer member is right no more often than the better member,
+mixing takes as many of those questions as it gives away.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.member_vote import Questions
+from consort.runtime.evaluation.metrics import normalised_scores
+from consort.runtime.evaluation.registry import get_task
 from consort.runtime.evaluation.report import sign_test
 
 
 def own_pick_probability(scores: Sequence[float]) -> float:
-    """The probability of the highest-scoring choice, with the choice scores normalised by softmax."""
+    """The probability of the highest-scoring choice, with the choice scores normalised by softmax
+    (`scores`: the task's normalised scores, whose argmax is the member's pick)."""
     top = max(scores)
     return 1.0 / sum(math.exp(s - top) for s in scores)
 
@@ -35,11 +40,17 @@ Outcome = dict[str, bool]  # who got one disagreement right: a, b, "surer", "str
 def disagreements(rows: Sequence[dict[str, Any]], a: str, b: str) -> dict[str, list[Outcome]]:
     """task -> one outcome per question where `a` and `b` pick differently."""
     out: dict[str, list[Outcome]] = defaultdict(list)
+    question_of = Questions()
     for row in rows:
         first, second = row["members"][a], row["members"][b]
         if first["pick"] == second["pick"]:
             continue
-        first_surer = own_pick_probability(first["scores"]) >= own_pick_probability(second["scores"])
+        continuations = question_of(row["task"], str(row["id"])).continuations
+        normalization = get_task(row["task"]).normalization or "none"
+        first_p, second_p = (
+            own_pick_probability(normalised_scores(m["scores"], continuations, normalization)) for m in (first, second)
+        )
+        first_surer = first_p >= second_p
         outcome = {a: bool(first["correct"]), b: bool(second["correct"])}
         outcome["surer"] = outcome[a] if first_surer else outcome[b]
         for name, answer in row.get("strategies", {}).items():
