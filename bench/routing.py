@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -96,13 +96,28 @@ def cpt(curve: Curve, cheap: float, strong: float, target: float) -> float | Non
     return 1.0
 
 
+# Eagle's ratings both ways (runtime/routing/elo.py): the fit of all feedback, and Eagle's online updates.
+ELO_FITS: dict[str, Literal["bradley_terry", "online"]] = {
+    "elo (Eagle, Bradley-Terry fit)": "bradley_terry",
+    "elo (Eagle, online K=32)": "online",
+}
+
+
+def arrival_order(dev: Sequence[QuestionRecord], seed: int) -> list[QuestionRecord]:
+    """The dev questions in the order their feedback arrives: shuffled, as a deployment's requests come,
+    not sorted by task (online ELO would otherwise be decided by the last task's feedback)."""
+    order = np.random.default_rng(seed).permutation(len(dev))
+    return [dev[i] for i in order]
+
+
 def dev_feedback(
-    dev: Sequence[QuestionRecord], members: Sequence[str], embeddings: np.ndarray
+    dev: Sequence[QuestionRecord], members: Sequence[str], embed: dict[str, np.ndarray]
 ) -> list[FeedbackEvent]:
-    """Each dev question as feedback: a preference for every pair of members (a tie when both were right or
-    both wrong) and a score per member (1 right, 0 wrong)."""
+    """Each dev question as feedback, in the given order: a preference for every pair of members (a tie when
+    both were right or both wrong)."""
     events: list[FeedbackEvent] = []
-    for record, embedding in zip(dev, embeddings, strict=True):
+    for record in dev:
+        embedding = embed[record.key]
         for a, b in itertools.combinations(members, 2):
             ra, rb = record.correct[a], record.correct[b]
             winner, loser = (a, b) if ra >= rb else (b, a)
@@ -115,10 +130,12 @@ def dev_feedback(
 
 
 def score_events(
-    dev: Sequence[QuestionRecord], members: Sequence[str], embeddings: np.ndarray
+    dev: Sequence[QuestionRecord], members: Sequence[str], embed: dict[str, np.ndarray]
 ) -> list[FeedbackEvent]:
+    """Each dev question as feedback, in the given order: a score per member (1 right, 0 wrong)."""
     events: list[FeedbackEvent] = []
-    for record, embedding in zip(dev, embeddings, strict=True):
+    for record in dev:
+        embedding = embed[record.key]
         for m in members:
             events.append(
                 FeedbackEvent(
@@ -147,6 +164,7 @@ def pair_report(
     embedder_name: str,
     split: Split,
     elo_config: EloConfig,
+    seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Curve]]:
     cheap_right = np.array([r.correct[cheap] for r in test], dtype=float)
     strong_right = np.array([r.correct[strong] for r in test], dtype=float)
@@ -154,14 +172,14 @@ def pair_report(
     test_embeddings = np.stack([embed[r.key] for r in test])
     model = train(dev, cheap, strong, embedder, embedder_name, split, DEFAULT_SHARPNESS)
     learned_scores = np.array([model.win_probability(e) for e in test_embeddings])
-    elo = EloRouter([cheap, strong], elo_config)
-    elo.observe(dev_feedback(dev, [cheap, strong], np.stack([embed[r.key] for r in dev])))
-    elo_scores = np.array([elo.scores(e)[strong] for e in test_embeddings])
-    curves = {
-        "learned (RouteLLM SW ranking)": threshold_curve(learned_scores, cheap_right, strong_right),
-        "elo (Eagle)": threshold_curve(elo_scores, cheap_right, strong_right),
-        "random": Curve([0.0, 1.0], [acc_cheap, acc_strong]),
-    }
+    curves = {"learned (RouteLLM SW ranking)": threshold_curve(learned_scores, cheap_right, strong_right)}
+    feedback = dev_feedback(arrival_order(dev, seed), [cheap, strong], embed)
+    for label, fit in ELO_FITS.items():
+        elo = EloRouter([cheap, strong], elo_config.model_copy(update={"fit": fit}))
+        elo.observe(feedback)
+        elo_scores = np.array([elo.scores(e)[strong] for e in test_embeddings])
+        curves[label] = threshold_curve(elo_scores, cheap_right, strong_right)
+    curves["random"] = Curve([0.0, 1.0], [acc_cheap, acc_strong])
     routers = {}
     for name, curve in curves.items():
         routers[name] = {
@@ -196,8 +214,8 @@ def members_report(
     elo_config: EloConfig,
     seed: int,
 ) -> dict[str, Any]:
-    dev_embeddings = np.stack([embed[r.key] for r in dev])
     test_embeddings = [embed[r.key] for r in test]
+    arriving = arrival_order(dev, seed)
     out: dict[str, Any] = {}
     for m in members:
         out[f"member {m}"] = _picks_accuracy([m] * len(test), test, costs)
@@ -212,12 +230,15 @@ def members_report(
     out["elo before feedback"] = _picks_accuracy(
         [eagle.choose(eagle.scores(e))[0] for e in test_embeddings], test, costs
     )
-    eagle.observe(dev_feedback(dev, members, dev_embeddings))
-    out["elo after dev feedback"] = _picks_accuracy(
-        [eagle.choose(eagle.scores(e))[0] for e in test_embeddings], test, costs
-    )
+    feedback = dev_feedback(arriving, members, embed)
+    for label, fit in ELO_FITS.items():
+        eagle = EloRouter(members, elo_config.model_copy(update={"fit": fit}))
+        eagle.observe(feedback)
+        out[f"{label} after dev feedback"] = _picks_accuracy(
+            [eagle.choose(eagle.scores(e))[0] for e in test_embeddings], test, costs
+        )
     bandit = BanditRouter(members, BanditConfig(exploration=0.0))
-    bandit.observe(score_events(dev, members, dev_embeddings))
+    bandit.observe(score_events(arriving, members, embed))
     out["bandit after dev feedback"] = _picks_accuracy(
         [bandit.choose(bandit.scores(e))[0] for e in test_embeddings], test, costs
     )
@@ -301,7 +322,7 @@ def run(
         dev, test = split.dev(both), split.test(both)
         if dev and test:
             pair, curves = pair_report(
-                dev, test, cheap, strong, embeddings_for(both), embedder, embedder_name, split, elo_config
+                dev, test, cheap, strong, embeddings_for(both), embedder, embedder_name, split, elo_config, seed
             )
     report["pair"] = pair
     multi = None

@@ -25,6 +25,18 @@ class EloConfig(BaseModel):
     global_share: float = Field(
         default=0.5, ge=0.0, le=1.0, description="P in P·global + (1−P)·local (Eagle's mixing weight)."
     )
+    fit: Literal["bradley_terry", "online"] = Field(
+        default="bradley_terry",
+        description="How ratings come from the comparisons: 'bradley_terry', the maximum-likelihood ratings of "
+        "all of them at once (order-free, as Chatbot Arena computes its leaderboard); 'online', Eagle's "
+        "sequential ELO updates with k_factor, which weigh recent feedback most.",
+    )
+    prior_ties: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="bradley_terry: virtual ties between every pair of members, so a member with no losses "
+        "(or no feedback) keeps a finite rating.",
+    )
 
 
 class LearnedConfig(BaseModel):

@@ -1,5 +1,13 @@
 """Eagle (training-free): a global ELO per member from all feedback, a local ELO from the feedback on
-the k past queries most similar to this one, combined as P·global + (1−P)·local."""
+the k past queries most similar to this one, combined as P·global + (1−P)·local.
+
+Ratings come from the comparisons in one of two ways (`EloConfig.fit`). Eagle's online ELO updates
+each rating as feedback arrives; with K = 32 and feedback that is mostly ties (both members right or
+both wrong), the ratings wander by more than the gaps between members of similar strength, and the
+last few hundred comparisons decide them (measured on four members' multiple-choice records:
+docs/results.md). The Bradley–Terry fit is the maximum-likelihood rating of all comparisons at once,
+in the same ELO scale, independent of their order.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +56,40 @@ def replay(
     return ratings
 
 
+def fit_ratings(
+    comparisons: Iterable[Comparison], members: Sequence[str], initial: float, prior_ties: float = 1.0
+) -> dict[str, float]:
+    """Bradley–Terry maximum-likelihood ratings (ELO scale, mean `initial`) of `comparisons`, any order.
+
+    A tie is half a win each way; `prior_ties` virtual ties between every pair keep the fit finite
+    when a member never lost (or has no comparison). Hunter's MM iteration, which increases the
+    likelihood at every step.
+    """
+    index = {m: i for i, m in enumerate(members)}
+    n = len(members)
+    wins = np.full((n, n), prior_ties / 2.0)
+    np.fill_diagonal(wins, 0.0)
+    for a, b, outcome in comparisons:
+        i, j = index[a], index[b]
+        wins[i, j] += outcome
+        wins[j, i] += 1.0 - outcome
+    games = wins + wins.T
+    total_wins = wins.sum(axis=1)
+    strength = np.ones(n)
+    for _ in range(1000):
+        pair = games / (strength[:, None] + strength[None, :])
+        np.fill_diagonal(pair, 0.0)
+        denominator = pair.sum(axis=1)
+        updated = np.where(denominator > 0, total_wins / np.where(denominator > 0, denominator, 1.0), strength)
+        updated = np.where(updated > 0, updated, 1e-12)
+        updated /= np.exp(np.mean(np.log(updated)))
+        if np.max(np.abs(np.log(updated) - np.log(strength))) < 1e-10:
+            strength = updated
+            break
+        strength = updated
+    return {m: initial + 400.0 * float(np.log10(strength[index[m]])) for m in members}
+
+
 def win_scores(ratings: dict[str, float]) -> dict[str, float]:
     """Each member's expected score against the mean rating of the others (0..1)."""
     out = {}
@@ -66,16 +108,35 @@ class EloRouter(Router):
     def __init__(self, members: Sequence[str], config: EloConfig) -> None:
         super().__init__(members)
         self.config = config
-        self.global_ratings = dict.fromkeys(self.members, config.initial)
+        self._online = dict.fromkeys(self.members, config.initial)
+        self._comparisons: list[Comparison] = []
+        self._fitted: dict[str, float] | None = None
         self._events: list[FeedbackEvent] = []
         self._embeddings: list[np.ndarray] = []
+
+    @property
+    def global_ratings(self) -> dict[str, float]:
+        """Every member's rating from all feedback so far."""
+        if self.config.fit == "online":
+            return dict(self._online)
+        if self._fitted is None:
+            self._fitted = fit_ratings(self._comparisons, self.members, self.config.initial, self.config.prior_ties)
+        return dict(self._fitted)
+
+    def _ratings(self, events: Iterable[FeedbackEvent]) -> dict[str, float]:
+        if self.config.fit == "online":
+            return replay(events, self.members, self.config.initial, self.config.k_factor)
+        found = [c for event in events for c in comparisons(event, self.members)]
+        return fit_ratings(found, self.members, self.config.initial, self.config.prior_ties)
 
     def observe(self, events: Sequence[FeedbackEvent]) -> None:
         for event in events:
             for a, b, outcome in comparisons(event, self.members):
-                self.global_ratings[a], self.global_ratings[b] = update(
-                    self.global_ratings[a], self.global_ratings[b], outcome, self.config.k_factor
+                self._online[a], self._online[b] = update(
+                    self._online[a], self._online[b], outcome, self.config.k_factor
                 )
+                self._comparisons.append((a, b, outcome))
+                self._fitted = None
             if event.embedding is None:
                 continue
             if self._embeddings and len(event.embedding) != len(self._embeddings[0]):
@@ -93,14 +154,15 @@ class EloRouter(Router):
         return [self._events[i] for i in sorted(nearest.tolist())]
 
     def local_ratings(self, embedding: np.ndarray) -> dict[str, float]:
-        return replay(self.neighbours(embedding), self.members, self.config.initial, self.config.k_factor)
+        return self._ratings(self.neighbours(embedding))
 
     def combined_ratings(self, embedding: np.ndarray | None) -> dict[str, float]:
         share = self.config.global_share
+        global_ratings = self.global_ratings
         if embedding is None:
-            return dict(self.global_ratings)
+            return global_ratings
         local = self.local_ratings(embedding)
-        return {m: share * self.global_ratings[m] + (1 - share) * local[m] for m in self.members}
+        return {m: share * global_ratings[m] + (1 - share) * local[m] for m in self.members}
 
     def scores(self, embedding: np.ndarray | None) -> dict[str, float]:
         return win_scores(self.combined_ratings(embedding))

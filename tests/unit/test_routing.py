@@ -58,7 +58,7 @@ def test_elo_updates_match_hand_computed_values() -> None:
 
 
 def test_global_elo_replays_preferences_and_scores_in_order() -> None:
-    router = elo.EloRouter(MEMBERS, EloConfig(k_factor=32.0, global_share=1.0))
+    router = elo.EloRouter(MEMBERS, EloConfig(k_factor=32.0, global_share=1.0, fit="online"))
     router.observe([_pref(1, "a", "b")])
     assert router.global_ratings == {"a": 1016.0, "b": 984.0, "c": 1000.0}
     # A score of 1 for c is c beating a (E = 1/(1+10^(16/400))), then c beating b.
@@ -79,7 +79,7 @@ def test_local_elo_sees_only_the_neighbours() -> None:
     events += [
         _pref(i, "b", "a", _unit(0.05 * i, 1, 0)) for i in range(4, 9)
     ]  # near y: b beats a (more often)
-    router = elo.EloRouter(["a", "b"], EloConfig(neighbours=3, global_share=0.0))
+    router = elo.EloRouter(["a", "b"], EloConfig(neighbours=3, global_share=0.0, fit="online"))
     router.observe(events)
     assert [e.id for e in router.neighbours(near_x)] == [1, 2, 3]
     assert {e.id for e in router.neighbours(near_y)} <= {4, 5, 6, 7, 8}
@@ -91,13 +91,13 @@ def test_local_elo_sees_only_the_neighbours() -> None:
     assert router.choose(router.scores(near_x)) == ["a"]
     assert router.choose(router.scores(near_y)) == ["b"]
     # P = 1: the global ratings alone decide, everywhere.
-    globally = elo.EloRouter(["a", "b"], EloConfig(neighbours=3, global_share=1.0))
+    globally = elo.EloRouter(["a", "b"], EloConfig(neighbours=3, global_share=1.0, fit="online"))
     globally.observe(events)
     assert globally.choose(globally.scores(near_x)) == ["b"]
 
 
 def test_elo_mixes_global_and_local_with_p() -> None:
-    router = elo.EloRouter(["a", "b"], EloConfig(neighbours=1, global_share=0.25))
+    router = elo.EloRouter(["a", "b"], EloConfig(neighbours=1, global_share=0.25, fit="online"))
     events = [
         _pref(1, "a", "b", _unit(1, 0)),
         _pref(2, "b", "a", _unit(0, 1)),
@@ -109,6 +109,44 @@ def test_elo_mixes_global_and_local_with_p() -> None:
     combined = router.combined_ratings(query)
     for m in ("a", "b"):
         assert combined[m] == pytest.approx(0.25 * router.global_ratings[m] + 0.75 * local[m])
+
+
+def test_bradley_terry_fit_matches_hand_computed_ratings_in_any_order() -> None:
+    # a beats b 3 times of 4, no prior: strengths in ratio 3, i.e. 400·log10(3) ELO points apart,
+    # centred on the initial rating.
+    found = [("a", "b", 1.0)] * 3 + [("b", "a", 1.0)]
+    ratings = elo.fit_ratings(found, ["a", "b"], 1000.0, prior_ties=0.0)
+    assert ratings["a"] - ratings["b"] == pytest.approx(400 * math.log10(3), abs=1e-6)
+    assert ratings["a"] + ratings["b"] == pytest.approx(2000.0, abs=1e-6)
+    # One virtual tie per pair: a has 3.5 of 5 games, ratio 7/3; a tie is half a win each way.
+    ratings = elo.fit_ratings([*found, ("a", "b", 0.5)], ["a", "b"], 1000.0, prior_ties=1.0)
+    assert ratings["a"] - ratings["b"] == pytest.approx(400 * math.log10(4 / 2), abs=1e-6)
+    # Three members, shuffled: the same ratings; a member with no comparison stays at the initial rating.
+    three = [("a", "b", 1.0), ("b", "c", 1.0), ("a", "c", 0.5), ("c", "a", 0.0), ("b", "a", 1.0)] * 3
+    reordered = elo.fit_ratings(three[::-1], ["a", "b", "c", "d"], 1000.0)
+    for member, rating in elo.fit_ratings(three, ["a", "b", "c", "d"], 1000.0).items():
+        assert reordered[member] == pytest.approx(rating, abs=1e-6)
+    # d has only the virtual ties: finite, and between the best and the worst member.
+    assert min(reordered["a"], reordered["c"]) < reordered["d"] < reordered["b"]
+
+
+def test_bradley_terry_ratings_do_not_forget_what_online_elo_does() -> None:
+    """b is better over all the feedback, but a won the last few comparisons: online ELO follows the
+    recent ones, the fit of all of them does not."""
+    here = _unit(1, 0)
+    events = [_pref(i, "b", "a", here) for i in range(1, 31)] + [_pref(i, "a", "b", here) for i in range(31, 41)]
+    online = elo.EloRouter(["a", "b"], EloConfig(global_share=1.0, fit="online"))
+    fitted = elo.EloRouter(["a", "b"], EloConfig(global_share=1.0))
+    for router in (online, fitted):
+        router.observe(events)
+    assert online.choose(online.scores(None)) == ["a"]
+    assert fitted.choose(fitted.scores(None)) == ["b"]
+    # Local ratings are fitted the same way, from the neighbours' comparisons only.
+    nearest = fitted.neighbours(here)
+    assert len(nearest) == EloConfig().neighbours
+    assert fitted.local_ratings(here) == elo.fit_ratings(
+        [c for e in nearest for c in elo.comparisons(e, ["a", "b"])], ["a", "b"], 1000.0
+    )
 
 
 # -- learned (RouteLLM) ----------------------------------------------------------------------------

@@ -72,10 +72,12 @@ def test_bench_on_synthetic_records_beats_random_and_draws_the_curve(tmp_path: P
     learned, random = pair["routers"]["learned (RouteLLM SW ranking)"], pair["routers"]["random"]
     assert random["apgr"] == pytest.approx(0.5)
     assert learned["apgr"] > 0.8 and learned["cpt80"] <= 0.5
-    assert pair["routers"]["elo (Eagle)"]["apgr"] > 0.6
+    assert pair["routers"]["elo (Eagle, Bradley-Terry fit)"]["apgr"] > 0.6
+    assert pair["routers"]["elo (Eagle, online K=32)"]["apgr"] > 0.6
     members = report["members"]
-    assert members["elo after dev feedback"]["accuracy"] >= members["member big"]["accuracy"]
-    assert members["elo after dev feedback"]["accuracy"] > members["elo before feedback"]["accuracy"]
+    fitted = members["elo (Eagle, Bradley-Terry fit) after dev feedback"]["accuracy"]
+    assert fitted >= members["member big"]["accuracy"]
+    assert fitted > members["elo before feedback"]["accuracy"]
     assert members["bandit after dev feedback"]["accuracy"] > members["random"]["accuracy"]
     assert members["oracle (some member right)"]["accuracy"] == 1.0
     assert (out / "routing.png").stat().st_size > 10_000
