@@ -56,38 +56,46 @@ def replay(
     return ratings
 
 
-def fit_ratings(
-    comparisons: Iterable[Comparison], members: Sequence[str], initial: float, prior_ties: float = 1.0
-) -> dict[str, float]:
-    """Bradley–Terry maximum-likelihood ratings (ELO scale, mean `initial`) of `comparisons`, any order.
-
-    A tie is half a win each way; `prior_ties` virtual ties between every pair keep the fit finite
-    when a member never lost (or has no comparison). Hunter's MM iteration, which increases the
-    likelihood at every step.
-    """
+def wins_matrix(comparisons: Iterable[Comparison], members: Sequence[str]) -> np.ndarray:
+    """wins[i, j]: the score member i took from its comparisons with member j (a tie is half each)."""
     index = {m: i for i, m in enumerate(members)}
-    n = len(members)
-    wins = np.full((n, n), prior_ties / 2.0)
-    np.fill_diagonal(wins, 0.0)
+    wins = np.zeros((len(members), len(members)))
     for a, b, outcome in comparisons:
-        i, j = index[a], index[b]
-        wins[i, j] += outcome
-        wins[j, i] += 1.0 - outcome
+        wins[index[a], index[b]] += outcome
+        wins[index[b], index[a]] += 1.0 - outcome
+    return wins
+
+
+def fit_wins(wins: np.ndarray, members: Sequence[str], initial: float, prior_ties: float = 1.0) -> dict[str, float]:
+    """Bradley–Terry maximum-likelihood ratings (ELO scale, mean `initial`) of a `wins_matrix`.
+
+    `prior_ties` virtual ties between every pair keep the fit finite when a member never lost (or
+    has no comparison). Hunter's MM iteration, which increases the likelihood at every step.
+    """
+    wins = wins + prior_ties / 2.0
+    np.fill_diagonal(wins, 0.0)
     games = wins + wins.T
     total_wins = wins.sum(axis=1)
-    strength = np.ones(n)
+    strength = np.ones(len(members))
     for _ in range(1000):
         pair = games / (strength[:, None] + strength[None, :])
         np.fill_diagonal(pair, 0.0)
         denominator = pair.sum(axis=1)
         updated = np.where(denominator > 0, total_wins / np.where(denominator > 0, denominator, 1.0), strength)
-        updated = np.where(updated > 0, updated, 1e-12)
+        updated = np.maximum(updated, 1e-12)
         updated /= np.exp(np.mean(np.log(updated)))
-        if np.max(np.abs(np.log(updated) - np.log(strength))) < 1e-10:
-            strength = updated
-            break
+        converged = np.max(np.abs(np.log(updated) - np.log(strength))) < 1e-10
         strength = updated
-    return {m: initial + 400.0 * float(np.log10(strength[index[m]])) for m in members}
+        if converged:
+            break
+    return {m: initial + 400.0 * float(np.log10(strength[i])) for i, m in enumerate(members)}
+
+
+def fit_ratings(
+    comparisons: Iterable[Comparison], members: Sequence[str], initial: float, prior_ties: float = 1.0
+) -> dict[str, float]:
+    """Bradley–Terry ratings of `comparisons`, in any order (see `fit_wins`)."""
+    return fit_wins(wins_matrix(comparisons, members), members, initial, prior_ties)
 
 
 def win_scores(ratings: dict[str, float]) -> dict[str, float]:
@@ -109,7 +117,7 @@ class EloRouter(Router):
         super().__init__(members)
         self.config = config
         self._online = dict.fromkeys(self.members, config.initial)
-        self._comparisons: list[Comparison] = []
+        self._wins = np.zeros((len(self.members), len(self.members)))
         self._fitted: dict[str, float] | None = None
         self._events: list[FeedbackEvent] = []
         self._embeddings: list[np.ndarray] = []
@@ -120,7 +128,7 @@ class EloRouter(Router):
         if self.config.fit == "online":
             return dict(self._online)
         if self._fitted is None:
-            self._fitted = fit_ratings(self._comparisons, self.members, self.config.initial, self.config.prior_ties)
+            self._fitted = fit_wins(self._wins, self.members, self.config.initial, self.config.prior_ties)
         return dict(self._fitted)
 
     def _ratings(self, events: Iterable[FeedbackEvent]) -> dict[str, float]:
@@ -131,11 +139,13 @@ class EloRouter(Router):
 
     def observe(self, events: Sequence[FeedbackEvent]) -> None:
         for event in events:
-            for a, b, outcome in comparisons(event, self.members):
+            found = comparisons(event, self.members)
+            for a, b, outcome in found:
                 self._online[a], self._online[b] = update(
                     self._online[a], self._online[b], outcome, self.config.k_factor
                 )
-                self._comparisons.append((a, b, outcome))
+            if found:
+                self._wins += wins_matrix(found, self.members)
                 self._fitted = None
             if event.embedding is None:
                 continue

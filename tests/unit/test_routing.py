@@ -141,6 +141,14 @@ def test_bradley_terry_ratings_do_not_forget_what_online_elo_does() -> None:
         router.observe(events)
     assert online.choose(online.scores(None)) == ["a"]
     assert fitted.choose(fitted.scores(None)) == ["b"]
+    # Feedback folded in across several calls is the fit of all of it at once.
+    batched = elo.EloRouter(["a", "b"], EloConfig(global_share=1.0))
+    for start in range(0, len(events), 7):
+        batched.observe(events[start : start + 7])
+    everything = [c for e in events for c in elo.comparisons(e, ["a", "b"])]
+    expected = elo.fit_ratings(everything, ["a", "b"], 1000.0)
+    for member in ("a", "b"):
+        assert batched.global_ratings[member] == pytest.approx(expected[member], abs=1e-9)
     # Local ratings are fitted the same way, from the neighbours' comparisons only.
     nearest = fitted.neighbours(here)
     assert len(nearest) == EloConfig().neighbours
