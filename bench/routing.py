@@ -43,7 +43,8 @@ from consort.runtime.routing.records import (
     Split,
     complete_for,
     find_predictions,
-    read_records,
+    member_folder,
+    read_predictions,
 )
 from consort.runtime.routing.store import FeedbackEvent
 
@@ -296,7 +297,7 @@ def run(
     seed: int = 0,
 ) -> dict[str, Any]:
     paths = find_predictions(records, group)
-    merged = read_records(records, group)
+    merged = read_predictions(paths, owner_of=member_folder)
     found = sorted({m for r in merged.values() for m in r.correct})
     wanted = list(members) if members else found
     present = [m for m in wanted if m in found]

@@ -9,7 +9,13 @@ from consort.runtime.errors import ConfigError
 from consort.runtime.routing.config import EmbedderKind
 from consort.runtime.routing.embed import make_embedder
 from consort.runtime.routing.learned import DEFAULT_SHARPNESS, train
-from consort.runtime.routing.records import Split, complete_for, find_predictions, read_records
+from consort.runtime.routing.records import (
+    Split,
+    complete_for,
+    find_predictions,
+    member_folder,
+    read_predictions,
+)
 
 
 def train_from_records(
@@ -27,7 +33,7 @@ def train_from_records(
     paths = find_predictions(records_root, group)
     if not paths:
         raise ConfigError(f"no predictions.jsonl under {records_root}/<member>/{group or '<group>'}/")
-    both = complete_for(read_records(records_root, group), [cheap, strong])
+    both = complete_for(read_predictions(paths, owner_of=member_folder), [cheap, strong])
     if not both:
         raise ConfigError(f"no question in {records_root} has answers from both {cheap!r} and {strong!r}")
     split = Split(test_share=test_share)
