@@ -25,7 +25,7 @@ from consort.runtime.evaluation.questions import vote_on_picks
 from consort.runtime.evaluation.registry import get_task, load_task
 from consort.runtime.evaluation.report import sign_test
 from consort.runtime.evaluation.specs import MultipleChoiceQuestion
-from consort.runtime.routing.records import find_predictions, member_folder
+from consort.runtime.routing.records import find_predictions, iter_answers, member_folder
 
 Entries = dict[str, dict[str, dict[str, dict[str, Any]]]]  # task -> id -> member -> entry
 
@@ -33,13 +33,8 @@ Entries = dict[str, dict[str, dict[str, dict[str, Any]]]]  # task -> id -> membe
 def read_entries(root: Path, group: str = "mc") -> Entries:
     """Each member's own entries (pick, raw choice scores, correct) from the records layout."""
     out: Entries = defaultdict(lambda: defaultdict(dict))
-    for path in find_predictions(root, group):
-        member = member_folder(path)
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if member in row["members"]:
-                    out[row["task"]][str(row["id"])][member] = row["members"][member]
+    for found in iter_answers(find_predictions(root, group), owner_of=member_folder):
+        out[found.task][found.id][found.member] = dict(found.answer)
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,15 +49,26 @@ class Split:
         return [r for r in records if self.is_test(r.key)]
 
 
-def read_predictions(
-    paths: Iterable[Path], *, owner_of: Callable[[Path], str] | None = None
-) -> dict[str, QuestionRecord]:
-    """Merge prediction files into one record per question (a question's members come from every file).
+@dataclass(frozen=True)
+class MemberAnswer:
+    """One member's answer to one question, as its prediction record holds it."""
 
-    With `owner_of`, a file contributes only the answers of the member it names for that file's
-    path, and a file whose rows hold no answer of that member is an error.
+    task: str
+    id: str
+    question: str
+    member: str
+    answer: Mapping[str, object]
+
+
+def iter_answers(
+    paths: Iterable[Path], *, owner_of: Callable[[Path], str] | None = None
+) -> Iterator[MemberAnswer]:
+    """Every member's answer in the prediction files, in file order.
+
+    With `owner_of`, a file yields only the answers of the member it names for that file's path,
+    and a file whose rows hold no answer of that member is an error (a misnamed folder must not
+    quietly drop out of a table).
     """
-    out: dict[str, QuestionRecord] = {}
     for path in paths:
         owner = owner_of(path) if owner_of is not None else None
         rows = seen_owner = False
@@ -67,26 +78,39 @@ def read_predictions(
                     continue
                 try:
                     row = json.loads(line)
-                    key = f"{row['task']}/{row['id']}"
-                    members = row["members"]
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    task, qid, members = row["task"], str(row["id"]), row["members"]
+                    items = list(members.items())
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
                     raise InvalidRequest(f"{path}:{line_no} is not a prediction record ({error})") from error
                 rows = True
-                record = out.setdefault(
-                    key, QuestionRecord(row["task"], str(row["id"]), row.get("question") or "")
-                )
-                for member, answer in members.items():
+                for member, answer in items:
                     if owner is not None and member != owner:
                         continue
                     seen_owner = True
-                    if isinstance(answer, Mapping) and answer.get("correct") is not None:
-                        record.correct[member] = bool(answer["correct"])
+                    if isinstance(answer, Mapping):
+                        yield MemberAnswer(task, qid, row.get("question") or "", member, answer)
         # An empty file is a run that has not answered yet; rows without the owner are a misnamed folder.
         if owner is not None and rows and not seen_owner:
             raise InvalidRequest(
                 f"{path} is in the folder of member {owner!r} but holds no answer of {owner!r}; "
                 "name the folder after the member whose records it holds"
             )
+
+
+def read_predictions(
+    paths: Iterable[Path], *, owner_of: Callable[[Path], str] | None = None
+) -> dict[str, QuestionRecord]:
+    """Merge prediction files into one record per question (a question's members come from every file).
+
+    With `owner_of`, as `iter_answers`: each file gives only the member its path names.
+    """
+    out: dict[str, QuestionRecord] = {}
+    for found in iter_answers(paths, owner_of=owner_of):
+        record = out.setdefault(
+            f"{found.task}/{found.id}", QuestionRecord(found.task, found.id, found.question)
+        )
+        if found.answer.get("correct") is not None:
+            record.correct[found.member] = bool(found.answer["correct"])
     return out
 
 

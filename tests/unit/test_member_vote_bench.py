@@ -6,7 +6,10 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from bench.member_vote import read_entries, report, vote_outcomes
+from consort.runtime.errors import InvalidRequest
 from consort.runtime.evaluation.logliks import Loglik
 from consort.runtime.evaluation.questions import member_vote_entry, scored_entry
 from consort.runtime.evaluation.registry import get_task, load_task
@@ -38,3 +41,14 @@ def test_vote_from_records_equals_the_eval_jobs_vote(tmp_path: Path) -> None:
     result = report({task: outcomes}, members)["tasks"][task]
     assert result["questions"] == len(questions)
     assert abs(result["accuracy"]["vote"] - 100 * sum(expected.values()) / len(questions)) < 1e-9
+
+
+def test_a_misnamed_member_folder_is_an_error_not_a_missing_member(tmp_path: Path) -> None:
+    """The vote reads the records layout with the routers' reader: a folder whose rows hold no answer
+    of the member it names raises, rather than quietly leaving that member out of the vote."""
+    folder = tmp_path / "a" / "mc"
+    folder.mkdir(parents=True)
+    row = {"task": "csqa", "id": "0", "members": {"b": {"pick": 0, "scores": [0.0], "correct": True}}}
+    (folder / "predictions.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(InvalidRequest, match="'a'"):
+        read_entries(tmp_path)
