@@ -13,6 +13,8 @@ test only:
   and Eagle's ELO, each swept over its threshold: accuracy against the share of strong-member calls,
   with APGR (the area under the performance-gap-recovered curve) and CPT(50 %) / CPT(80 %) (the
   share of strong calls needed to recover that much of the gap); random routing is the diagonal.
+  And each router's disagreement AUC: on the test questions only one of the two gets right (the only
+  ones routing can win or lose), how well its score tells which one (0.5: no signal).
 - over all members: accuracy and mean cost of each single member, the oracle, the random router,
   Eagle before feedback and after the dev feedback, and the bandit after the dev feedback.
 
@@ -72,6 +74,25 @@ def threshold_curve(strong_score: np.ndarray, cheap_right: np.ndarray, strong_ri
         shares.append(k / n)
         accuracies.append(float(right.mean()))
     return Curve(shares, accuracies)
+
+
+def disagreement_auc(
+    strong_score: np.ndarray, cheap_right: np.ndarray, strong_right: np.ndarray
+) -> float | None:
+    """How well a router's scores tell, where the two members disagree, which one is right.
+
+    The probability that a question only the strong member gets right scores higher for the strong
+    member than a question only the cheap member gets right (ties count half): 0.5 is no signal, and
+    only these questions can move a router's accuracy away from the straight line between the two
+    members. None when either kind of question is missing.
+    """
+    strong_only = strong_score[(strong_right > cheap_right)]
+    cheap_only = strong_score[(cheap_right > strong_right)]
+    if not len(strong_only) or not len(cheap_only):
+        return None
+    greater = (strong_only[:, None] > cheap_only[None, :]).mean()
+    ties = (strong_only[:, None] == cheap_only[None, :]).mean()
+    return float(greater + 0.5 * ties)
 
 
 def pgr(accuracy: float, cheap: float, strong: float) -> float:
@@ -173,13 +194,13 @@ def pair_report(
     test_embeddings = np.stack([embed[r.key] for r in test])
     model = train(dev, cheap, strong, embedder, embedder_name, split, DEFAULT_SHARPNESS)
     learned_scores = np.array([model.win_probability(e) for e in test_embeddings])
-    curves = {"learned (RouteLLM SW ranking)": threshold_curve(learned_scores, cheap_right, strong_right)}
+    scores = {"learned (RouteLLM SW ranking)": learned_scores}
     feedback = dev_feedback(arrival_order(dev, seed), [cheap, strong], embed)
     for label, fit in ELO_FITS.items():
         elo = EloRouter([cheap, strong], elo_config.model_copy(update={"fit": fit}))
         elo.observe(feedback)
-        elo_scores = np.array([elo.scores(e)[strong] for e in test_embeddings])
-        curves[label] = threshold_curve(elo_scores, cheap_right, strong_right)
+        scores[label] = np.array([elo.scores(e)[strong] for e in test_embeddings])
+    curves = {name: threshold_curve(s, cheap_right, strong_right) for name, s in scores.items()}
     curves["random"] = Curve([0.0, 1.0], [acc_cheap, acc_strong])
     routers = {}
     for name, curve in curves.items():
@@ -188,9 +209,16 @@ def pair_report(
             "cpt50": cpt(curve, acc_cheap, acc_strong, 0.5),
             "cpt80": cpt(curve, acc_cheap, acc_strong, 0.8),
             "best_accuracy": max(curve.accuracy),
+            "disagreement_auc": disagreement_auc(scores[name], cheap_right, strong_right)
+            if name in scores
+            else 0.5,
             # The cheapest point at least as accurate as the strong member alone (None: none is).
             "strong_accuracy_at_share": next(
-                (share for share, accuracy in zip(curve.share, curve.accuracy, strict=True) if accuracy >= acc_strong),
+                (
+                    share
+                    for share, accuracy in zip(curve.share, curve.accuracy, strict=True)
+                    if accuracy >= acc_strong
+                ),
                 None,
             ),
         }
@@ -201,6 +229,9 @@ def pair_report(
         "test_questions": len(test),
         "accuracy_cheap": acc_cheap,
         "accuracy_strong": acc_strong,
+        # The only questions a router can win or lose on: where exactly one of the two is right.
+        "only_strong_right": int((strong_right > cheap_right).sum()),
+        "only_cheap_right": int((cheap_right > strong_right).sum()),
         "routers": routers,
     }
     return report, curves
@@ -323,7 +354,16 @@ def run(
         dev, test = split.dev(both), split.test(both)
         if dev and test:
             pair, curves = pair_report(
-                dev, test, cheap, strong, embeddings_for(both), embedder, embedder_name, split, elo_config, seed
+                dev,
+                test,
+                cheap,
+                strong,
+                embeddings_for(both),
+                embedder,
+                embedder_name,
+                split,
+                elo_config,
+                seed,
             )
     report["pair"] = pair
     multi = None

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.routing import Curve, apgr, cpt, run, threshold_curve
+from bench.routing import Curve, apgr, cpt, disagreement_auc, run, threshold_curve
 from consort.runtime.routing.records import Split
 
 TOPICS = {
@@ -60,6 +60,19 @@ def test_metrics_on_a_hand_made_curve() -> None:
     diagonal = Curve([0.0, 1.0], [0.5, 1.0])
     assert apgr(diagonal, 0.5, 1.0) == pytest.approx(0.5) and cpt(diagonal, 0.5, 1.0, 0.5) == 1.0
     assert apgr(curve, 1.0, 0.5) is None  # no gap to recover
+
+
+def test_disagreement_auc_sees_only_the_questions_one_member_gets_right() -> None:
+    cheap_right = np.array([1, 0, 0, 1, 1, 0.0])
+    strong_right = np.array([0, 1, 1, 1, 0, 0.0])
+    # strong-only: questions 1, 2; cheap-only: 0, 4; questions 3 and 5 (agreement) must not count.
+    perfect = np.array([0.0, 1.0, 0.9, -5.0, 0.1, 9.0])
+    assert disagreement_auc(perfect, cheap_right, strong_right) == 1.0
+    assert disagreement_auc(-perfect, cheap_right, strong_right) == 0.0
+    # 1.0 beats 0.1 and ties 1.0; 0.1 ties 0.1 and loses to 1.0: (1 + 0.5 + 0.5 + 0) / 4.
+    mixed = np.array([1.0, 1.0, 0.1, 0.0, 0.1, 0.0])
+    assert disagreement_auc(mixed, cheap_right, strong_right) == pytest.approx(0.5)
+    assert disagreement_auc(perfect, strong_right, strong_right) is None
 
 
 def test_bench_on_synthetic_records_beats_random_and_draws_the_curve(tmp_path: Path) -> None:
