@@ -62,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="consort eval", description="Evaluate each member alone and each ensemble strategy.")
     p.add_argument("--task", help=f"one task: {', '.join(TASKS)}")
     p.add_argument("--tasks", help="comma-separated tasks (instead of --task)")
-    p.add_argument("--limit", type=int, help="first N eval questions of each task (default: all)")
+    p.add_argument("--limit", type=int, help="first N questions of each task (default: all)")
+    p.add_argument(
+        "--split",
+        choices=["eval", "dev"],
+        default="eval",
+        help="answer the tasks' eval questions (the reported test slices) or their dev split (for tuning)",
+    )
     p.add_argument(
         "--strategies",
         default=",".join(strategies),
@@ -126,6 +132,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for flag in ("replicas", "max_batch", "chunk_size", "calibrate_limit"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.calibrate and args.split == "dev":
+        raise ConfigError(
+            "--calibrate fits weights on the dev split; it cannot then be evaluated on it (--split eval)"
+        )
     if args.write_config and not args.calibrate:
         raise ConfigError("--write-config needs --calibrate")
     return args
@@ -161,17 +171,24 @@ def _fingerprint(config: EnsembleConfig, args: argparse.Namespace) -> dict[str, 
         "seed": args.seed,
         "mc_vote": args.mc_vote,
         "calibrate": args.calibrate,
+        # A folder holds one split: dev answers (for tuning) never mix with the reported test slices.
+        "split": args.split,
     }
 
 
 def same_run(previous: dict[str, Any] | None, current: dict[str, Any]) -> bool:
     """Whether a restart continues the run that wrote `previous`. The stored config is read again
-    by today's code first: a config field added since then, at its default, is the same run (runs
-    take hours and outlive releases); any other difference is not."""
+    by today's code first: a config field or job option added since then, at its default, is the
+    same run (runs take hours and outlive releases); any other difference is not."""
     if previous is None or previous == current:
         return previous is not None
     try:
-        upgraded = {**previous, "config": _config_fingerprint(parse_config(previous["config"]))}
+        # Runs from before `--split` answered the eval split.
+        upgraded = {
+            "split": "eval",
+            **previous,
+            "config": _config_fingerprint(parse_config(previous["config"])),
+        }
     except (ConfigError, KeyError, TypeError):
         return False
     return upgraded == current
@@ -269,7 +286,7 @@ async def evaluate_task(
 ) -> list[str]:
     """Answer the task's questions not yet in the store; returns the ids of this run's questions."""
     spec = get_task(task)
-    questions = load_task(task, limit=args.limit)
+    questions = load_task(task, split=args.split, limit=args.limit)
     members = [m.name for m in backends[0].config.members]
     done = store.answered(task, args.strategy_names, members)
     todo = [q for q in questions if q.id not in done]

@@ -13,12 +13,12 @@ from consort.runtime.config import parse_config
 from consort.runtime.evaluation.errors import ResultsError
 from consort.runtime.evaluation.job import _fingerprint, check_run_file, same_run
 
-ARGS = argparse.Namespace(seed=0, mc_vote="loglik", calibrate=False)
+ARGS = argparse.Namespace(seed=0, mc_vote="loglik", calibrate=False, split="eval")
 
 
-def fingerprint(**member: object) -> dict:
+def fingerprint(split: str = "eval", **member: object) -> dict:
     config = parse_config({"members": [{"name": "a", "model": "tiny:smollm2-135m-instruct", **member}]})
-    return _fingerprint(config, ARGS)
+    return _fingerprint(config, argparse.Namespace(**{**vars(ARGS), "split": split}))
 
 
 def test_the_same_configuration_is_the_same_run() -> None:
@@ -58,3 +58,13 @@ def test_the_run_file_refuses_another_configuration(tmp_path: Path) -> None:
     check_run_file(tmp_path, fingerprint())
     with pytest.raises(ResultsError, match="different configuration"):
         check_run_file(tmp_path, fingerprint(threads=3))
+
+
+def test_a_run_from_before_the_split_option_answered_the_eval_split(tmp_path: Path) -> None:
+    older = copy.deepcopy(fingerprint())
+    del older["split"]
+    assert same_run(older, fingerprint())
+    assert not same_run(older, fingerprint(split="dev"))
+    check_run_file(tmp_path, fingerprint(split="dev"))
+    with pytest.raises(ResultsError, match="different configuration"):
+        check_run_file(tmp_path, fingerprint())  # dev answers never mix with a test slice's

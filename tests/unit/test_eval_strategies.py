@@ -68,7 +68,9 @@ def vote_copy():
 
 @pytest.fixture(scope="module")
 def backend(tiny_models) -> LocalBackend:
-    loop = make_loop(tiny_models, [("smollm2", SMOL), ("gemma3", GEMMA)], strategy="mean", main="smollm2", max_batch=8)
+    loop = make_loop(
+        tiny_models, [("smollm2", SMOL), ("gemma3", GEMMA)], strategy="mean", main="smollm2", max_batch=8
+    )
     return LocalBackend(loop)
 
 
@@ -118,7 +120,13 @@ def test_a_registered_token_level_strategy_is_scored_on_multiple_choice(backend,
     timing: dict[str, float] = {}
     records = asyncio.run(
         questions.multiple_choice(
-            backend, get_task("arc_easy"), MC_QUESTIONS, ["mean", "me", first_member], [0.5, 0.5], seed=0, timing=timing
+            backend,
+            get_task("arc_easy"),
+            MC_QUESTIONS,
+            ["mean", "me", first_member],
+            [0.5, 0.5],
+            seed=0,
+            timing=timing,
         )
     )
     # mean and me (scored as mean) come from the members' own passes, mixed offline at the text
@@ -141,16 +149,26 @@ def test_a_registered_token_level_strategy_generates_on_generation_tasks(backend
         questions.generation(backend, GEN_QUESTIONS, ["mean", first_member], [0.5, 0.5], seed=0)
     )
     entry = record["strategies"][first_member]
-    assert set(entry) == set(record["strategies"]["mean"]) == {"answer", "extracted", "correct", "finish_reason"}
+    assert (
+        set(entry) == set(record["strategies"]["mean"]) == {"answer", "extracted", "correct", "finish_reason"}
+    )
     # Greedy, the first member alone: the same answer as that member alone.
     assert entry["answer"] == record["members"]["smollm2"]["answer"]
 
 
-def test_a_registered_answer_level_strategy_answers_multiple_choice_by_letters(backend, vote_copy: str) -> None:
+def test_a_registered_answer_level_strategy_answers_multiple_choice_by_letters(
+    backend, vote_copy: str
+) -> None:
     timing: dict[str, float] = {}
     records = asyncio.run(
         questions.multiple_choice(
-            backend, get_task("arc_easy"), MC_QUESTIONS, ["vote", vote_copy], [0.5, 0.5], seed=0, timing=timing
+            backend,
+            get_task("arc_easy"),
+            MC_QUESTIONS,
+            ["vote", vote_copy],
+            [0.5, 0.5],
+            seed=0,
+            timing=timing,
         )
     )
     assert f"{vote_copy} (letters)" in timing  # vote itself keeps --mc-vote loglik: no generation for it
@@ -191,3 +209,24 @@ def test_the_local_job_evaluates_a_registered_strategy(
     assert summary["strategies"] == ["mean", first_member]
     assert first_member in summary["tasks"]["arc_easy"]["accuracy"]
     assert first_member in capsys.readouterr().out  # the results table
+
+
+def test_the_local_job_answers_the_dev_split_when_asked(
+    tiny_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--split dev` answers the dev questions (tuning runs) and never the test slice's."""
+    from consort.runtime.evaluation.registry import load_task
+
+    monkeypatch.setattr(LocalBackend, "start", staticmethod(_tiny_backend(tiny_models)))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    out = tmp_path / "dev"
+    argv = ["--local", "--config", str(config), "--task", "arc_easy", "--limit", "2", "--no-progress"]
+    assert job.main([*argv, "--strategies", "mean", "--split", "dev", "--out", str(out)]) == 0
+    ids = {json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()}
+    assert ids == {q.id for q in load_task("arc_easy", split="dev", limit=2)}
+    assert not ids & {q.id for q in load_task("arc_easy")}
+    # The same folder refuses to go on with the eval split: one folder, one split.
+    assert job.main([*argv, "--strategies", "mean", "--out", str(out)]) != 0
+    with pytest.raises(ConfigError, match="--calibrate"):
+        job.parse_args(["--task", "arc_easy", "--split", "dev", "--calibrate"])
