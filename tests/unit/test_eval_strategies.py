@@ -190,15 +190,20 @@ def _tiny_backend(tiny_models: dict[str, Any]):
     return start
 
 
-def test_the_local_job_evaluates_a_registered_strategy(
-    tiny_models, first_member: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    """`consort eval --local` end to end (the tiny models built once, not per run)."""
+@pytest.fixture
+def local_job_argv(tiny_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """`consort eval --local` arguments over the tiny pair (the tiny models built once, not per run)."""
     monkeypatch.setattr(LocalBackend, "start", staticmethod(_tiny_backend(tiny_models)))
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_CONFIG)
-    out = tmp_path / "out"
-    argv = ["--local", "--config", str(config), "--task", "arc_easy", "--limit", "2", "--no-progress"]
+    return ["--local", "--config", str(config), "--task", "arc_easy", "--limit", "2", "--no-progress"]
+
+
+def test_the_local_job_evaluates_a_registered_strategy(
+    local_job_argv: list[str], first_member: str, tmp_path: Path, capsys
+) -> None:
+    """`consort eval --local` end to end."""
+    argv, out = local_job_argv, tmp_path / "out"
     assert job.main([*argv, "--strategies", f"mean,{first_member}", "--out", str(out)]) == 0
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(records) == 2
@@ -211,17 +216,11 @@ def test_the_local_job_evaluates_a_registered_strategy(
     assert first_member in capsys.readouterr().out  # the results table
 
 
-def test_the_local_job_answers_the_dev_split_when_asked(
-    tiny_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_local_job_answers_the_dev_split_when_asked(local_job_argv: list[str], tmp_path: Path) -> None:
     """`--split dev` answers the dev questions (tuning runs) and never the test slice's."""
     from consort.runtime.evaluation.registry import load_task
 
-    monkeypatch.setattr(LocalBackend, "start", staticmethod(_tiny_backend(tiny_models)))
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_CONFIG)
-    out = tmp_path / "dev"
-    argv = ["--local", "--config", str(config), "--task", "arc_easy", "--limit", "2", "--no-progress"]
+    argv, out = local_job_argv, tmp_path / "dev"
     assert job.main([*argv, "--strategies", "mean", "--split", "dev", "--out", str(out)]) == 0
     ids = {json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()}
     assert ids == {q.id for q in load_task("arc_easy", split="dev", limit=2)}
