@@ -19,6 +19,7 @@ import torch
 
 from consort.runtime import models
 from consort.runtime.config import EnsembleConfig, parse_config
+from consort.runtime.evaluation.backend import LocalBackend
 from consort.runtime.loop import EnsembleLoop, load_worker
 from consort.runtime.testing.tiny import build_tiny, save_tiny
 from consort.runtime.vocab import TokenTable
@@ -121,7 +122,34 @@ def tiny_models() -> dict[str, tuple[Any, Any]]:
     return {alias: build_tiny(alias) for alias in ALIASES}
 
 
-def make_loop(tiny_models: dict[str, tuple[Any, Any]], members: list[tuple[str, str]], **config: Any) -> EnsembleLoop:
+# An ensemble YAML over the two tiny members, for `consort eval --local` run in process.
+TINY_PAIR_CONFIG = f"""\
+members:
+  - {{name: smollm2, model: "tiny:{ALIASES[0]}"}}
+  - {{name: gemma3, model: "tiny:{ALIASES[1]}"}}
+strategy: mean
+main: smollm2
+deepen: {{min_anchors: 10, max_anchors: 1024}}
+"""
+
+
+@pytest.fixture
+def tiny_local_backend(tiny_models: dict[str, tuple[Any, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eval job's in-process backend builds its members from the session's tiny models."""
+
+    def start(config: EnsembleConfig) -> LocalBackend:
+        workers = {
+            m.name: load_worker(config, m.name, "cpu", tiny_models[m.model.removeprefix("tiny:")])
+            for m in config.members
+        }
+        return LocalBackend(EnsembleLoop(config, workers))
+
+    monkeypatch.setattr(LocalBackend, "start", staticmethod(start))
+
+
+def make_loop(
+    tiny_models: dict[str, tuple[Any, Any]], members: list[tuple[str, str]], **config: Any
+) -> EnsembleLoop:
     """An in-process ensemble over already built tiny models; `members` is [(name, alias)]."""
     ensemble: EnsembleConfig = parse_config(
         {
@@ -130,9 +158,7 @@ def make_loop(tiny_models: dict[str, tuple[Any, Any]], members: list[tuple[str, 
             **config,
         }
     )
-    workers = {
-        name: load_worker(ensemble, name, "cpu", tiny_models[alias]) for name, alias in members
-    }
+    workers = {name: load_worker(ensemble, name, "cpu", tiny_models[alias]) for name, alias in members}
     return EnsembleLoop(ensemble, workers)
 
 

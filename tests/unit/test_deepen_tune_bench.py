@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-import pytest
 import yaml
 
 from bench.deepen_tune import tune
 from consort.runtime.evaluation import job
-from consort.runtime.evaluation.backend import LocalBackend
 from consort.runtime.evaluation.registry import load_task
-from tests.unit.test_eval_strategies import TINY_CONFIG, _tiny_backend
+from tests.unit.conftest import TINY_PAIR_CONFIG
 
 
 def _right(run: Path) -> int:
@@ -26,12 +23,9 @@ def _ids(run: Path) -> set[str]:
     return {json.loads(line)["id"] for line in (run / "predictions.jsonl").read_text().splitlines() if line}
 
 
-def test_tuning_scores_dev_only_picks_the_best_and_resumes(
-    tiny_models: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(LocalBackend, "start", staticmethod(_tiny_backend(tiny_models)))
+def test_tuning_scores_dev_only_picks_the_best_and_resumes(tiny_local_backend: None, tmp_path: Path) -> None:
     base = tmp_path / "tiny.yaml"
-    base.write_text(TINY_CONFIG)
+    base.write_text(TINY_PAIR_CONFIG)
     calls: list[list[str]] = []
 
     def runner(argv: list[str]) -> None:

@@ -8,31 +8,20 @@ import asyncio
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from consort.runtime import fusion
-from consort.runtime.config import EnsembleConfig
 from consort.runtime.errors import ConfigError
 from consort.runtime.evaluation import GenerationQuestion, MultipleChoiceQuestion, get_task, job, questions
 from consort.runtime.evaluation.backend import LocalBackend
 from consort.runtime.evaluation.mc_tasks import letter_prompt
 from consort.runtime.fusion.base import Decision, Strategy, WorkFlags, single_member
-from consort.runtime.loop import EnsembleLoop, load_worker
 from consort.runtime.types import SeqResult
 from consort.runtime.vote_groups import VoteStrategy
-from tests.unit.conftest import ALIASES, make_loop
+from tests.unit.conftest import ALIASES, TINY_PAIR_CONFIG, make_loop
 
 SMOL, GEMMA = ALIASES
-TINY_CONFIG = f"""\
-members:
-  - {{name: smollm2, model: "tiny:{SMOL}"}}
-  - {{name: gemma3, model: "tiny:{GEMMA}"}}
-strategy: mean
-main: smollm2
-deepen: {{min_anchors: 10, max_anchors: 1024}}
-"""
 
 
 class FirstMemberStrategy(Strategy):
@@ -179,23 +168,11 @@ def test_a_registered_answer_level_strategy_answers_multiple_choice_by_letters(
         assert len(entry["votes"]) == backend.config.vote.samples
 
 
-def _tiny_backend(tiny_models: dict[str, Any]):
-    def start(config: EnsembleConfig) -> LocalBackend:
-        workers = {
-            m.name: load_worker(config, m.name, "cpu", tiny_models[m.model.removeprefix("tiny:")])
-            for m in config.members
-        }
-        return LocalBackend(EnsembleLoop(config, workers))
-
-    return start
-
-
 @pytest.fixture
-def local_job_argv(tiny_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def local_job_argv(tiny_local_backend: None, tmp_path: Path) -> list[str]:
     """`consort eval --local` arguments over the tiny pair (the tiny models built once, not per run)."""
-    monkeypatch.setattr(LocalBackend, "start", staticmethod(_tiny_backend(tiny_models)))
     config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_CONFIG)
+    config.write_text(TINY_PAIR_CONFIG)
     return ["--local", "--config", str(config), "--task", "arc_easy", "--limit", "2", "--no-progress"]
 
 
