@@ -140,11 +140,13 @@ class EloRouter(Router):
     def observe(self, events: Sequence[FeedbackEvent]) -> None:
         for event in events:
             found = comparisons(event, self.members)
-            for a, b, outcome in found:
-                self._online[a], self._online[b] = update(
-                    self._online[a], self._online[b], outcome, self.config.k_factor
-                )
-            if found:
+            # Only the state the configured fit reads: online ratings, or the wins the fit is made from.
+            if self.config.fit == "online":
+                for a, b, outcome in found:
+                    self._online[a], self._online[b] = update(
+                        self._online[a], self._online[b], outcome, self.config.k_factor
+                    )
+            elif found:
                 self._wins += wins_matrix(found, self.members)
                 self._fitted = None
             if event.embedding is None:
