@@ -137,10 +137,12 @@ def tune(
     for a in anchors:
         measure(stage1["steps"], stage1["learning_rate"], a)
     chosen = best()
-    chosen_config = write_point_config(
-        base, out, chosen["steps"], chosen["learning_rate"], chosen["max_anchors"]
+    chosen_config = (
+        out
+        / "configs"
+        / f"{point_name(chosen['steps'], chosen['learning_rate'], chosen['max_anchors'])}.yaml"
     )
-    (out / "chosen.yaml").write_text(chosen_config.read_text())
+    (out / "chosen.yaml").write_text(chosen_config.read_text())  # written and validated when it was measured
     result: dict[str, Any] = {
         "base": str(base),
         "tasks": list(tasks),
