@@ -38,6 +38,10 @@ def point_name(steps: int, rate: float, anchors: int | None) -> str:
     return f"steps{steps}-lr{rate:g}-anchors{'all' if anchors is None else anchors}"
 
 
+def point_config(out: Path, steps: int, rate: float, anchors: int | None) -> Path:
+    return out / "configs" / f"{point_name(steps, rate, anchors)}.yaml"
+
+
 def write_point_config(base: Path, out: Path, steps: int, rate: float, anchors: int | None) -> Path:
     """The base config with DeePEn's search set to this point (validated by loading it back)."""
     data = yaml.safe_load(base.read_text())
@@ -48,7 +52,7 @@ def write_point_config(base: Path, out: Path, steps: int, rate: float, anchors: 
         "learning_rate": rate,
         "max_anchors": anchors,
     }
-    path = out / "configs" / f"{point_name(steps, rate, anchors)}.yaml"
+    path = point_config(out, steps, rate, anchors)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f"# {base} with DeePEn's search at one tuning point (bench/deepen_tune.py)\n" + yaml.safe_dump(data)
@@ -137,11 +141,7 @@ def tune(
     for a in anchors:
         measure(stage1["steps"], stage1["learning_rate"], a)
     chosen = best()
-    chosen_config = (
-        out
-        / "configs"
-        / f"{point_name(chosen['steps'], chosen['learning_rate'], chosen['max_anchors'])}.yaml"
-    )
+    chosen_config = point_config(out, chosen["steps"], chosen["learning_rate"], chosen["max_anchors"])
     (out / "chosen.yaml").write_text(chosen_config.read_text())  # written and validated when it was measured
     result: dict[str, Any] = {
         "base": str(base),
