@@ -347,6 +347,18 @@ def ensemble(args: argparse.Namespace) -> EnsembleConfig:
     raise SystemExit("give --config or --members")
 
 
+def tie_breaker(config: EnsembleConfig, member_accuracy: str | None) -> dict[str, float]:
+    """mux's dev accuracy per member: --member-accuracy (config order) if given, else the config's
+    `mux.accuracy`, which is what the served strategy breaks ties with."""
+    names = [m.name for m in config.members]
+    if not member_accuracy:
+        return dict(config.mux.accuracy)
+    values = [float(a) for a in member_accuracy.split(",")]
+    if len(values) != len(names):
+        raise SystemExit(f"--member-accuracy has {len(values)} values for the {len(names)} members {names}")
+    return dict(zip(names, values, strict=True))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="ensemble YAML")
@@ -360,7 +372,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--debate-rounds", type=int, default=2)
     parser.add_argument("--debate-temperature", type=float, default=0.0)
-    parser.add_argument("--member-accuracy", help="mux tie-breaker: dev accuracy per member, config order")
+    parser.add_argument(
+        "--member-accuracy",
+        help="mux tie-breaker: dev accuracy per member, config order (default: the config's mux.accuracy)",
+    )
     parser.add_argument("--max-tokens", type=int, help="cap every answer's tokens (smoke tests)")
     parser.add_argument("--chunk", type=int, default=2, help="question parts in flight at once")
     parser.add_argument("--seed", type=int, default=0)
@@ -373,9 +388,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     config = ensemble(args)
     names = [m.name for m in config.members]
-    accuracy: dict[str, float] = {}
-    if args.member_accuracy:
-        accuracy = dict(zip(names, (float(a) for a in args.member_accuracy.split(",")), strict=True))
+    accuracy = tie_breaker(config, args.member_accuracy)
     questions = [q for q in load_task(args.task, limit=args.limit) if isinstance(q, GenerationQuestion)]
     if args.max_tokens:
         questions = [
@@ -411,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "task": args.task,
         "questions": len(questions),
         "members": names,
+        "mux_tie_breaker": accuracy,
         "curves": lines,
         "against_best_greedy": tests,
     }

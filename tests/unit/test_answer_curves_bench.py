@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from bench.answer_curves import against_best_greedy, curves, outcomes
+import pytest
+
+from bench.answer_curves import against_best_greedy, curves, outcomes, tie_breaker
+from consort.runtime.config import parse_config
 from consort.runtime.evaluation.specs import GenerationQuestion
 
 
@@ -80,3 +83,25 @@ def test_outcomes_keep_which_question_each_point_comes_from() -> None:
     points = outcomes([_question("q9")], {("q9", "samples"): record}, ["a", "b"], [1], {})
     assert points["a greedy"] == {1: {"q9": True}}
     assert points["b greedy"] == {1: {"q9": False}}
+
+
+def test_mux_ties_go_to_the_member_with_the_higher_dev_accuracy_from_config_or_flag() -> None:
+    config = parse_config(
+        {
+            "members": [{"name": "a", "model": "tiny:smollm2-135m-instruct"}, {"name": "b", "model": "tiny:gemma3-270m"}],
+            "strategy": "mux",
+            "mux": {"accuracy": {"a": 0.2, "b": 0.6}},
+        }
+    )
+    assert tie_breaker(config, None) == {"a": 0.2, "b": 0.6}
+    assert tie_breaker(config, "0.9,0.1") == {"a": 0.9, "b": 0.1}
+    with pytest.raises(SystemExit, match="1 values for the 2 members"):
+        tie_breaker(config, "0.9")
+    # One sample each agrees fully with itself: a tie on every question, so the accuracy decides.
+    record = {
+        "members": {"a": {"greedy": "= 7", "samples": ["= 7"]}, "b": {"greedy": "= 5", "samples": ["= 5"]}},
+        "correct": {"= 7": True, "= 5": False},
+    }
+    records = {("q1", "samples"): record}
+    assert outcomes([_question("q1")], records, ["a", "b"], [2], tie_breaker(config, None))["mux"] == {2: {"q1": False}}
+    assert outcomes([_question("q1")], records, ["a", "b"], [2], tie_breaker(config, "0.9,0.1"))["mux"] == {2: {"q1": True}}
