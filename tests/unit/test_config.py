@@ -60,7 +60,17 @@ def test_members_config_names_duplicates_uniquely() -> None:
         members_config(["a", "b", "c"], "mean", [1.0, 2.0])
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[2].joinpath("examples").glob("*.yaml")))
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted(_ROOT.joinpath("examples").glob("*.yaml")))
 def test_every_example_ensemble_loads(path: Path) -> None:
     config = load_config(path)
     assert len(config.members) >= 2 and config.main_member in [m.name for m in config.members]
+
+
+@pytest.mark.parametrize("path", sorted(_ROOT.joinpath("bench", "runs").glob("*configs*/*.yaml")), ids=str)
+def test_every_benchmark_config_loads(path: Path) -> None:
+    """The hours-long runs read these configs only when they start: a broken one should fail here."""
+    config = load_config(path)
+    assert config.main_member in [m.name for m in config.members]
