@@ -306,8 +306,14 @@ class _Path:
 
 
 def chart(
-    path: Path, task: str, lines: dict[str, dict[int, float]], questions: int, members: list[str]
+    path: Path,
+    task: str,
+    lines: dict[str, dict[int, float]],
+    questions: int,
+    members: list[str],
+    answered: dict[str, int],
 ) -> None:
+    """One line per strategy; a line drawn over fewer than `questions` says over how many."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,7 +325,8 @@ def chart(
         if strategy in greedy:
             continue
         xs = sorted(values)
-        axes.plot(xs, [100 * values[x] for x in xs], marker="o", label=strategy)
+        label = strategy if answered[strategy] == questions else f"{strategy} ({answered[strategy]} questions)"
+        axes.plot(xs, [100 * values[x] for x in xs], marker="o", label=label)
     if greedy:
         best_name, best = max(greedy.items(), key=lambda kv: kv[1][1])
         axes.axhline(100 * best[1], linestyle="--", color="grey", label=f"best member greedy ({best_name})")
@@ -417,19 +424,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 print(f"  {finished}/{len(todo)}", flush=True)
-    points = outcomes(questions, records, names, args.samples, accuracy)
+    # Report what --parts names: other parts' records (e.g. CoT-decoding on fewer questions) stay in
+    # the JSONL for the run that asks for them.
+    reported = {key: record for key, record in records.items() if key[1] in parts}
+    points = outcomes(questions, reported, names, args.samples, accuracy)
     lines = curves(points)
     tests = against_best_greedy(points)
+    answered = {strategy: max(len(oks) for oks in xs.values()) for strategy, xs in points.items()}
     summary = {
         "task": args.task,
         "questions": len(questions),
         "members": names,
         "mux_tie_breaker": accuracy,
+        "questions_per_strategy": answered,
         "curves": lines,
         "against_best_greedy": tests,
     }
     (args.out / f"{args.task}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    chart(args.out / f"{args.task}.png", args.task, lines, len(questions), names)
+    chart(args.out / f"{args.task}.png", args.task, lines, len(questions), names, answered)
     for strategy, values in lines.items():
         print(f"  {strategy:>16}: " + "  ".join(f"{x}: {100 * v:.1f}" for x, v in values.items()))
         for x, test in tests.get(strategy, {}).items():

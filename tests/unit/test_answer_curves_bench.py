@@ -105,3 +105,48 @@ def test_mux_ties_go_to_the_member_with_the_higher_dev_accuracy_from_config_or_f
     records = {("q1", "samples"): record}
     assert outcomes([_question("q1")], records, ["a", "b"], [2], tie_breaker(config, None))["mux"] == {2: {"q1": False}}
     assert outcomes([_question("q1")], records, ["a", "b"], [2], tie_breaker(config, "0.9,0.1"))["mux"] == {2: {"q1": True}}
+
+
+def test_the_command_resumes_and_reports_only_the_parts_it_is_given(
+    tiny_models, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import bench.answer_curves as answer_curves
+    from consort.runtime.loop import EnsembleLoop
+    from tests.unit.conftest import TINY_PAIR_CONFIG, make_loop
+
+    built: list[EnsembleLoop] = []
+
+    def from_config(config, device: str) -> EnsembleLoop:
+        members = [("smollm2", "smollm2-135m-instruct"), ("gemma3", "gemma3-270m")]
+        built.append(make_loop(tiny_models, members, strategy="mean", main="smollm2"))
+        return built[-1]
+
+    monkeypatch.setattr(answer_curves.EnsembleLoop, "from_config", staticmethod(from_config))
+    config = tmp_path / "pair.yaml"
+    config.write_text(TINY_PAIR_CONFIG + "mux: {accuracy: {smollm2: 0.1, gemma3: 0.2}}\n")
+    out = tmp_path / "curves"
+    common = ["--config", str(config), "--task", "gsm8k_chat", "--samples", "1,2", "--max-tokens", "2", "--out", str(out)]
+
+    answer_curves.main([*common, "--limit", "2", "--parts", "samples,debate", "--debate-rounds", "1"])
+    log = [json.loads(line) for line in (out / "gsm8k_chat.jsonl").read_text().splitlines()]
+    ids = sorted({r["id"] for r in log})
+    assert len(ids) == 2
+    assert sorted((r["id"], r["part"]) for r in log) == [(i, p) for i in ids for p in ("debate", "samples")]
+    summary = json.loads((out / "gsm8k_chat.json").read_text())
+    assert summary["mux_tie_breaker"] == {"smollm2": 0.1, "gemma3": 0.2}
+    assert summary["questions_per_strategy"]["debate"] == 2 and "vote" in summary["curves"]
+
+    # A third question, samples only: one part runs, the debate records stay in the log but not in the report.
+    answer_curves.main([*common, "--limit", "3", "--parts", "samples"])
+    assert len(built) == 2
+    assert len((out / "gsm8k_chat.jsonl").read_text().splitlines()) == 5
+    summary = json.loads((out / "gsm8k_chat.json").read_text())
+    assert "debate" not in summary["curves"]
+    assert summary["questions_per_strategy"]["vote"] == 3
+    assert (out / "gsm8k_chat.png").stat().st_size > 0
+
+    # Everything asked for is in the log: nothing is generated.
+    answer_curves.main([*common, "--limit", "3", "--parts", "samples"])
+    assert len(built) == 2
