@@ -127,15 +127,21 @@ def correctness(question: GenerationQuestion, texts: Sequence[str]) -> dict[str,
 # --- the parts of one question ------------------------------------------------------------------
 
 
+def samples_per_member(samples: list[int], names: list[str]) -> int:
+    return math.ceil(max(samples) / len(names))
+
+
 def part_requests(
-    part: str, question: GenerationQuestion, names: list[str], args: argparse.Namespace
+    part: str, question: GenerationQuestion, names: list[str], args: argparse.Namespace, have: int = 0
 ) -> list[tuple[Prompt, SamplingParams, RequestOptions]]:
+    """The requests of one part; for `samples` with `have` samples per member already recorded,
+    only the missing ones (sample j keeps its seed, so an extended record equals one run at once)."""
     prompt, seed = prompt_of(question), question_seed(args.seed, question.task, question.id)
-    per_member = math.ceil(max(args.samples) / len(names))
+    per_member = samples_per_member(args.samples, names)
     if part == "samples":
-        requests = [(prompt, params_of(question, 0.0, seed), alone(names, m)) for m in names]
+        requests = [] if have else [(prompt, params_of(question, 0.0, seed), alone(names, m)) for m in names]
         for m in names:
-            for j in range(per_member):
+            for j in range(have, per_member):
                 requests.append(
                     (prompt, params_of(question, args.temperature, seed + 1 + j), alone(names, m))
                 )
@@ -180,6 +186,22 @@ def part_record(
     return record
 
 
+def extend_samples(
+    record: dict[str, Any], question: GenerationQuestion, names: list[str], outcomes: Sequence[Completion]
+) -> dict[str, Any]:
+    """`record` (a samples part) with each member's further samples appended, in member order."""
+    per_member = len(outcomes) // len(names)
+    extended = json.loads(json.dumps(record))
+    added: list[str] = []
+    for i, m in enumerate(names):
+        texts = [c.text for c in outcomes[i * per_member : (i + 1) * per_member]]
+        extended["members"][m]["samples"].extend(texts)
+        added.extend(texts)
+    extended["tokens"] += sum(c.completion_tokens for c in outcomes)
+    extended["correct"].update(correctness(question, [t for t in added if t not in extended["correct"]]))
+    return extended
+
+
 # --- curves from the records --------------------------------------------------------------------
 
 
@@ -210,7 +232,10 @@ def outcomes(
             correct, members = samples["correct"], samples["members"]
             for name in names:
                 add(f"{name} greedy", 1, correct[members[name]["greedy"]])
+            recorded = min(len(members[name]["samples"]) for name in names)
             for n in grid:
+                if math.ceil(n / m) > recorded:
+                    continue  # this question's record has fewer samples: rerun the command to extend it
                 drawn = [members[names[i % m]]["samples"][i // m] for i in range(n)]
                 chosen = select_answer([_selectable(q, t) for t in drawn], kind=kind)
                 add("vote", n, correct[drawn[chosen.index]])
@@ -223,6 +248,8 @@ def outcomes(
                         chosen = select_answer([_selectable(q, t) for t in texts[:n]], kind=kind)
                         add(f"vote {name} alone", n, correct[texts[chosen.index]])
             for k in ks:
+                if k > recorded:
+                    continue
                 own = {name: members[name]["samples"][:k] for name in names}
                 mux = select_member(
                     {name: [_selectable(q, t) for t in texts] for name, texts in own.items()},
@@ -233,7 +260,10 @@ def outcomes(
         cot = records.get((q.id, "cot"))
         if cot is not None:
             correct = cot["correct"]
+            branches = 1 + max((p["rank"] for p in cot["paths"]), default=-1)
             for k in ks:
+                if k > branches:
+                    continue  # the part ran with fewer branches per member than this point needs
                 paths = [_Path(p) for p in cot["paths"] if p["rank"] < k]
                 if not paths:
                     continue
@@ -409,17 +439,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             if line.strip():
                 record = json.loads(line)
                 records[(record["id"], record["part"])] = record
-    todo = [(q, p) for q in questions for p in parts if (q.id, p) not in records]
+    # (question, part, samples per member already recorded): a samples part recorded with fewer
+    # samples than --samples needs is extended, not redone.
+    wanted = samples_per_member(args.samples, names)
+    todo: list[tuple[GenerationQuestion, str, int]] = []
+    for q in questions:
+        for p in parts:
+            recorded = records.get((q.id, p))
+            if recorded is None:
+                todo.append((q, p, 0))
+            elif p == "samples" and (have := min(len(e["samples"]) for e in recorded["members"].values())) < wanted:
+                todo.append((q, p, have))
     print(
         f"{args.task}: {len(questions)} questions, {len(todo)} parts to run ({len(records)} done)", flush=True
     )
     if todo:
         loop = EnsembleLoop.from_config(config, device="cpu")
         with log_path.open("a") as log:
-            items = [part_requests(p, q, names, args) for q, p in todo]
+            items = [part_requests(p, q, names, args, have) for q, p, have in todo]
             for finished, (index, completions) in enumerate(run_rolling(loop, items, args.chunk), start=1):
-                q, p = todo[index]
-                record = part_record(p, q, names, completions)
+                q, p, have = todo[index]
+                if have:
+                    record = extend_samples(records[(q.id, p)], q, names, completions)
+                else:
+                    record = part_record(p, q, names, completions)
                 records[(q.id, p)] = record
                 log.write(json.dumps(record) + "\n")
                 log.flush()

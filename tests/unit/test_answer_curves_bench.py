@@ -150,3 +150,42 @@ def test_the_command_resumes_and_reports_only_the_parts_it_is_given(
     # Everything asked for is in the log: nothing is generated.
     answer_curves.main([*common, "--limit", "3", "--parts", "samples"])
     assert len(built) == 2
+
+
+def test_more_samples_extend_the_recorded_ones_and_equal_drawing_them_at_once(
+    tiny_models, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import bench.answer_curves as answer_curves
+    from tests.unit.conftest import TINY_PAIR_CONFIG, make_loop
+
+    members = [("smollm2", "smollm2-135m-instruct"), ("gemma3", "gemma3-270m")]
+    monkeypatch.setattr(
+        answer_curves.EnsembleLoop,
+        "from_config",
+        staticmethod(lambda config, device: make_loop(tiny_models, members, strategy="mean", main="smollm2")),
+    )
+    config = tmp_path / "pair.yaml"
+    config.write_text(TINY_PAIR_CONFIG)
+    common = ["--config", str(config), "--task", "gsm8k_chat", "--limit", "2", "--max-tokens", "3", "--parts", "samples"]
+
+    def last_records(out) -> dict[str, dict]:
+        lines = [json.loads(line) for line in (out / "gsm8k_chat.jsonl").read_text().splitlines()]
+        return {r["id"]: r for r in lines}
+
+    extended, at_once = tmp_path / "extended", tmp_path / "at_once"
+    answer_curves.main([*common, "--samples", "1,2", "--out", str(extended)])  # 1 sample per member
+    first = last_records(extended)
+    answer_curves.main([*common, "--samples", "1,2,6", "--out", str(extended)])  # 3 per member
+    answer_curves.main([*common, "--samples", "1,2,6", "--out", str(at_once)])
+    assert len((extended / "gsm8k_chat.jsonl").read_text().splitlines()) == 4  # two records, each extended once
+    grown, fresh = last_records(extended), last_records(at_once)
+    for qid, record in grown.items():
+        for name in ("smollm2", "gemma3"):
+            assert len(record["members"][name]["samples"]) == 3
+            assert record["members"][name]["samples"][0] == first[qid]["members"][name]["samples"][0]
+            assert record["members"][name]["greedy"] == first[qid]["members"][name]["greedy"]
+        assert record["members"] == fresh[qid]["members"]
+        assert set(record["correct"]) == {t for e in record["members"].values() for t in [e["greedy"], *e["samples"]]}
+    assert json.loads((extended / "gsm8k_chat.json").read_text())["curves"]["vote"].keys() == {"1", "2", "6"}
