@@ -5,7 +5,9 @@
 
 In process (no Ray), --chunk question parts in flight (a finished one replaced at once), every
 part of a question written to `<out>/<task>.jsonl` as soon as it is done, so an interrupted run
-resumes where it stopped (a line per question and part; rerun the same command). At the end
+resumes where it stopped (a line per question and part; rerun the same command). Asking for more
+samples than a question's record holds extends it: the extended record is a later line for the same
+part, and the later line wins when the log is read. At the end
 `<out>/<task>.json` holds the curves and each point's paired sign test against the best member's
 greedy answers, and `<out>/<task>.png` draws them, with that greedy accuracy as a dashed line.
 
