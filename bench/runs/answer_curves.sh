@@ -12,12 +12,13 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MO
 TASKS="${TASKS:-gsm8k_chat humaneval}"
 LIMIT="${LIMIT:-100}"
 PARTS="${PARTS:-samples}"
+SAMPLES="${SAMPLES:-1,3,5,10}"  # 1,3,5,10,20 extends each recorded question to 10 samples per member
 mkdir -p results/answer-curves
 for task in $TASKS; do
   echo "$(date -Is) start $task limit $LIMIT parts $PARTS" >> results/answer-curves/timing.log
   started=$SECONDS
   if [ -n "${CONSORT:-}" ]; then run=("$CONSORT" -m bench.answer_curves); else run=(.venv/bin/python -m bench.answer_curves); fi
   "${run[@]}" --config bench/runs/pair_configs/qwen-coders-bf16.yaml --task "$task" --limit "$LIMIT" \
-    --samples 1,3,5,10 --parts "$PARTS" --chunk 8 --out results/answer-curves >> "results/answer-curves/$task.log" 2>&1
+    --samples "$SAMPLES" --parts "$PARTS" --chunk 8 --out results/answer-curves >> "results/answer-curves/$task.log" 2>&1
   echo "$(date -Is) end $task rc=$? wall_s=$((SECONDS - started))" >> results/answer-curves/timing.log
 done
