@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -133,6 +134,11 @@ def samples_per_member(samples: list[int], names: list[str]) -> int:
     return math.ceil(max(samples) / len(names))
 
 
+def recorded_samples(record: dict[str, Any]) -> int:
+    """Samples per member a `samples` record holds (all members have as many unless one was cut short)."""
+    return min(len(entry["samples"]) for entry in record["members"].values())
+
+
 def part_requests(
     part: str, question: GenerationQuestion, names: list[str], args: argparse.Namespace, have: int = 0
 ) -> list[tuple[Prompt, SamplingParams, RequestOptions]]:
@@ -193,7 +199,7 @@ def extend_samples(
 ) -> dict[str, Any]:
     """`record` (a samples part) with each member's further samples appended, in member order."""
     per_member = len(outcomes) // len(names)
-    extended = json.loads(json.dumps(record))
+    extended = copy.deepcopy(record)
     added: list[str] = []
     for i, m in enumerate(names):
         texts = [c.text for c in outcomes[i * per_member : (i + 1) * per_member]]
@@ -234,7 +240,7 @@ def outcomes(
             correct, members = samples["correct"], samples["members"]
             for name in names:
                 add(f"{name} greedy", 1, correct[members[name]["greedy"]])
-            recorded = min(len(members[name]["samples"]) for name in names)
+            recorded = recorded_samples(samples)
             for n in grid:
                 if math.ceil(n / m) > recorded:
                     continue  # this question's record has fewer samples: rerun the command to extend it
@@ -450,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             recorded = records.get((q.id, p))
             if recorded is None:
                 todo.append((q, p, 0))
-            elif p == "samples" and (have := min(len(e["samples"]) for e in recorded["members"].values())) < wanted:
+            elif p == "samples" and (have := recorded_samples(recorded)) < wanted:
                 todo.append((q, p, have))
     print(
         f"{args.task}: {len(questions)} questions, {len(todo)} parts to run ({len(records)} done)", flush=True

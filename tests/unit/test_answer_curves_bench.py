@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+import bench.answer_curves as answer_curves
 from bench.answer_curves import against_best_greedy, curves, outcomes, tie_breaker
 from consort.runtime.config import parse_config
 from consort.runtime.evaluation.specs import GenerationQuestion
+from consort.runtime.loop import EnsembleLoop
+from tests.unit.conftest import TINY_PAIR_CONFIG, make_loop
 
 
 def _question(qid: str) -> GenerationQuestion:
@@ -46,7 +51,6 @@ def test_rolling_window_returns_every_item_with_its_own_completions(tiny_models)
     from consort.runtime.prompts import Prompt
     from consort.runtime.sampling import SamplingParams
     from consort.runtime.types import RequestOptions
-    from tests.unit.conftest import make_loop
 
     loop = make_loop(tiny_models, [("smollm2", "smollm2-135m-instruct")], strategy="mean", main="smollm2")
     items = [
@@ -107,23 +111,23 @@ def test_mux_ties_go_to_the_member_with_the_higher_dev_accuracy_from_config_or_f
     assert outcomes([_question("q1")], records, ["a", "b"], [2], tie_breaker(config, "0.9,0.1"))["mux"] == {2: {"q1": True}}
 
 
-def test_the_command_resumes_and_reports_only_the_parts_it_is_given(
-    tiny_models, tmp_path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import json
-
-    import bench.answer_curves as answer_curves
-    from consort.runtime.loop import EnsembleLoop
-    from tests.unit.conftest import TINY_PAIR_CONFIG, make_loop
-
+@pytest.fixture
+def curves_loops(tiny_models, monkeypatch: pytest.MonkeyPatch) -> list[EnsembleLoop]:
+    """The command's ensemble built over the session's tiny pair; the list holds every loop it built."""
+    members = [("smollm2", "smollm2-135m-instruct"), ("gemma3", "gemma3-270m")]
     built: list[EnsembleLoop] = []
 
     def from_config(config, device: str) -> EnsembleLoop:
-        members = [("smollm2", "smollm2-135m-instruct"), ("gemma3", "gemma3-270m")]
         built.append(make_loop(tiny_models, members, strategy="mean", main="smollm2"))
         return built[-1]
 
     monkeypatch.setattr(answer_curves.EnsembleLoop, "from_config", staticmethod(from_config))
+    return built
+
+
+def test_the_command_resumes_and_reports_only_the_parts_it_is_given(
+    curves_loops: list[EnsembleLoop], tmp_path
+) -> None:
     config = tmp_path / "pair.yaml"
     config.write_text(TINY_PAIR_CONFIG + "mux: {accuracy: {smollm2: 0.1, gemma3: 0.2}}\n")
     out = tmp_path / "curves"
@@ -140,7 +144,7 @@ def test_the_command_resumes_and_reports_only_the_parts_it_is_given(
 
     # A third question, samples only: one part runs, the debate records stay in the log but not in the report.
     answer_curves.main([*common, "--limit", "3", "--parts", "samples"])
-    assert len(built) == 2
+    assert len(curves_loops) == 2
     assert len((out / "gsm8k_chat.jsonl").read_text().splitlines()) == 5
     summary = json.loads((out / "gsm8k_chat.json").read_text())
     assert "debate" not in summary["curves"]
@@ -149,23 +153,12 @@ def test_the_command_resumes_and_reports_only_the_parts_it_is_given(
 
     # Everything asked for is in the log: nothing is generated.
     answer_curves.main([*common, "--limit", "3", "--parts", "samples"])
-    assert len(built) == 2
+    assert len(curves_loops) == 2
 
 
 def test_more_samples_extend_the_recorded_ones_and_equal_drawing_them_at_once(
-    tiny_models, tmp_path, monkeypatch: pytest.MonkeyPatch
+    curves_loops: list[EnsembleLoop], tmp_path
 ) -> None:
-    import json
-
-    import bench.answer_curves as answer_curves
-    from tests.unit.conftest import TINY_PAIR_CONFIG, make_loop
-
-    members = [("smollm2", "smollm2-135m-instruct"), ("gemma3", "gemma3-270m")]
-    monkeypatch.setattr(
-        answer_curves.EnsembleLoop,
-        "from_config",
-        staticmethod(lambda config, device: make_loop(tiny_models, members, strategy="mean", main="smollm2")),
-    )
     config = tmp_path / "pair.yaml"
     config.write_text(TINY_PAIR_CONFIG)
     common = ["--config", str(config), "--task", "gsm8k_chat", "--limit", "2", "--max-tokens", "3", "--parts", "samples"]
