@@ -384,6 +384,29 @@ def chart(
 # --- the command ----------------------------------------------------------------------------------
 
 
+def read_log(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """The records of a JSONL log, the later line winning for the same (question, part).
+
+    A last line with no newline is a record torn mid-write (the run was killed, or the log was
+    committed while a ~30 kB line was being flushed): it is cut off the file, so the run redoes
+    that part and its next line does not land glued to the torn one.
+    """
+    records: dict[tuple[str, str], dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    text = path.read_text()
+    whole, newline, torn = text.rpartition("\n")
+    if torn:
+        with path.open("r+") as log:
+            log.truncate(len((whole + newline).encode()))
+    for line in whole.splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[(record["id"], record["part"])] = record
+    return records
+
+
+
 def ensemble(args: argparse.Namespace) -> EnsembleConfig:
     if args.config:
         return load_config(args.config)
@@ -441,12 +464,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ]
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / f"{args.task}.jsonl"
-    records: dict[tuple[str, str], dict[str, Any]] = {}
-    if log_path.exists():
-        for line in log_path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                records[(record["id"], record["part"])] = record
+    records = read_log(log_path)
     # (question, part, samples per member already recorded): a samples part recorded with fewer
     # samples than --samples needs is extended, not redone.
     wanted = samples_per_member(args.samples, names)

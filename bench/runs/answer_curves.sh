@@ -1,7 +1,13 @@
 #!/bin/bash
 # Issue 15, item 2: accuracy against answers per question for vote / mux / each member voting alone,
 # the two Qwen2.5-Coder members in bf16 (bench/runs/pair_configs/qwen-coders-bf16.yaml). Resumable:
-# every finished question is a line of results/answer-curves/<task>.jsonl; rerun to go on.
+# every finished question is a line of $OUT/<task>.jsonl; rerun to go on.
+#
+# OUT defaults to bench/records/answer-curves, which git tracks: each session starts on a fresh
+# machine (session 28 found results/ gone, with 100 GSM8K questions and 16 HumanEval problems of
+# ~2 min each), so a run of many hours spans sessions only if its log is committed as it grows.
+# Commit the JSONL at checkpoints; the command reads only whole lines, so a commit taken while a
+# line is being written resumes from the line before it.
 #
 #   TASKS="gsm8k_chat humaneval" LIMIT=100 CONSORT=bench/runs/frozen_consort.sh nohup nice -n 10 bash bench/runs/answer_curves.sh &
 #
@@ -13,12 +19,13 @@ TASKS="${TASKS:-gsm8k_chat humaneval}"
 LIMIT="${LIMIT:-100}"
 PARTS="${PARTS:-samples}"
 SAMPLES="${SAMPLES:-1,3,5,10}"  # 1,3,5,10,20 extends each recorded question to 10 samples per member
-mkdir -p results/answer-curves
+OUT="${OUT:-bench/records/answer-curves}"
+mkdir -p "$OUT"
 for task in $TASKS; do
-  echo "$(date -Is) start $task limit $LIMIT parts $PARTS" >> results/answer-curves/timing.log
+  echo "$(date -Is) start $task limit $LIMIT parts $PARTS" >> "$OUT/timing.log"
   started=$SECONDS
   if [ -n "${CONSORT:-}" ]; then run=("$CONSORT" -m bench.answer_curves); else run=(.venv/bin/python -m bench.answer_curves); fi
   "${run[@]}" --config bench/runs/pair_configs/qwen-coders-bf16.yaml --task "$task" --limit "$LIMIT" \
-    --samples "$SAMPLES" --parts "$PARTS" --chunk 8 --out results/answer-curves >> "results/answer-curves/$task.log" 2>&1
-  echo "$(date -Is) end $task rc=$? wall_s=$((SECONDS - started))" >> results/answer-curves/timing.log
+    --samples "$SAMPLES" --parts "$PARTS" --chunk 8 --out "$OUT" >> "$OUT/$task.log" 2>&1
+  echo "$(date -Is) end $task rc=$? wall_s=$((SECONDS - started))" >> "$OUT/timing.log"
 done

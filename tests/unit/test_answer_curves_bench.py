@@ -182,3 +182,25 @@ def test_more_samples_extend_the_recorded_ones_and_equal_drawing_them_at_once(
         assert record["members"] == fresh[qid]["members"]
         assert set(record["correct"]) == {t for e in record["members"].values() for t in [e["greedy"], *e["samples"]]}
     assert json.loads((extended / "gsm8k_chat.json").read_text())["curves"]["vote"].keys() == {"1", "2", "6"}
+
+
+def test_a_torn_last_line_is_cut_off_and_the_next_record_starts_on_its_own_line(tmp_path) -> None:
+    """A log committed or killed mid-write ends in half a record: reading drops it from the file, so the
+    part is redone and appending does not glue the next record onto the torn one."""
+    from bench.answer_curves import read_log
+
+    log = tmp_path / "gsm8k_chat.jsonl"
+    first = {"id": "q1", "part": "samples", "tokens": 1}
+    later = {"id": "q1", "part": "samples", "tokens": 2}
+    log.write_text(json.dumps(first) + "\n" + json.dumps(later) + "\n" + '{"id": "q2", "part": "sam')
+    records = read_log(log)
+    assert records == {("q1", "samples"): later}
+    with log.open("a") as append:
+        append.write(json.dumps({"id": "q2", "part": "samples", "tokens": 3}) + "\n")
+    assert set(read_log(log)) == {("q1", "samples"), ("q2", "samples")}
+
+    only_torn = tmp_path / "humaneval.jsonl"
+    only_torn.write_text('{"id": "q1"')
+    assert read_log(only_torn) == {}
+    assert only_torn.read_text() == ""
+    assert read_log(tmp_path / "missing.jsonl") == {}
