@@ -5,7 +5,8 @@
 
 In process (no Ray), --chunk question parts in flight (a finished one replaced at once), every
 part of a question written to `<out>/<task>.jsonl` as soon as it is done, so an interrupted run
-resumes where it stopped (a line per question and part; rerun the same command). Asking for more
+resumes where it stopped (a line per question and part; rerun the same command); `pkill -USR1 -f
+'bench\\.answer_curves'` lets the parts in flight finish and stops there. Asking for more
 samples than a question's record holds extends it: the extended record is a later line for the same
 part, and the later line wins when the log is read. At the end
 `<out>/<task>.json` holds the curves and each point's paired sign test against the best member's
@@ -38,7 +39,9 @@ import asyncio
 import copy
 import json
 import math
-from collections.abc import Iterator, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +70,17 @@ Request = tuple[Prompt, SamplingParams, RequestOptions]
 
 
 def run_rolling(
-    loop: EnsembleLoop, items: Sequence[list[Request]], window: int
+    loop: EnsembleLoop,
+    items: Sequence[list[Request]],
+    window: int,
+    admitting: Callable[[], bool] = lambda: True,
 ) -> Iterator[tuple[int, list[Completion]]]:
     """Each item's completions as soon as all of its requests end, with `window` items in flight.
 
     A finished item is replaced at once by the next one, so the batch stays full: sampled GSM8K
     answers run from ~100 to 512 tokens, and waiting for a whole chunk's longest answer left the
-    batch mostly empty for its last few hundred steps.
+    batch mostly empty for its last few hundred steps. Once `admitting()` is false no item starts:
+    those in flight finish and the iteration ends (a run drains instead of losing their work).
     """
     pending: dict[str, tuple[int, int]] = {}  # seq id -> (item, position in the item)
     done: dict[int, list[Completion | None]] = {}
@@ -81,7 +88,7 @@ def run_rolling(
 
     def admit() -> None:
         nonlocal next_item
-        while next_item < len(items) and len(done) < window:
+        while next_item < len(items) and len(done) < window and admitting():
             done[next_item] = [None] * len(items[next_item])
             for position, (prompt, params, options) in enumerate(items[next_item]):
                 pending[loop.core.add(prompt, params, options)] = (next_item, position)
@@ -481,9 +488,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if todo:
         loop = EnsembleLoop.from_config(config, device="cpu")
+        # SIGUSR1: start no more parts, finish the --chunk in flight (up to ~20 min of work on this
+        # CPU that a kill would throw away), report, exit; the next run resumes after them.
+        draining = threading.Event()
+        signal.signal(signal.SIGUSR1, lambda *_: draining.set())
         with log_path.open("a") as log:
             items = [part_requests(p, q, names, args, have) for q, p, have in todo]
-            for finished, (index, completions) in enumerate(run_rolling(loop, items, args.chunk), start=1):
+            rolling = run_rolling(loop, items, args.chunk, admitting=lambda: not draining.is_set())
+            for finished, (index, completions) in enumerate(rolling, start=1):
                 q, p, have = todo[index]
                 if have:
                     record = extend_samples(records[(q.id, p)], q, names, completions)

@@ -10,6 +10,8 @@
 # ~2 min each), so a run of many hours spans sessions only if its log is committed as it grows.
 # Commit the JSONL at checkpoints; the command reads only whole lines, so a commit taken while a
 # line is being written resumes from the line before it.
+# Before a session ends: `pkill -USR1 -f 'bench\.answer_curves'` starts no more questions and lets
+# the 8 in flight finish (~20 min of work that a kill throws away), then commit the JSONL.
 #
 #   TASKS="gsm8k_chat humaneval" LIMIT=100 CONSORT=bench/runs/frozen_consort.sh nohup nice -n 10 bash bench/runs/answer_curves.sh &
 #

@@ -204,3 +204,24 @@ def test_a_torn_last_line_is_cut_off_and_the_next_record_starts_on_its_own_line(
     assert read_log(only_torn) == {}
     assert only_torn.read_text() == ""
     assert read_log(tmp_path / "missing.jsonl") == {}
+
+
+def test_a_draining_run_finishes_the_items_in_flight_and_starts_no_more(tiny_models) -> None:
+    from bench.answer_curves import run_rolling
+    from consort.runtime.prompts import Prompt
+    from consort.runtime.sampling import SamplingParams
+    from consort.runtime.types import RequestOptions
+
+    loop = make_loop(tiny_models, [("smollm2", "smollm2-135m-instruct")], strategy="mean", main="smollm2")
+    items = [
+        [(Prompt(text=f"Item {i}:"), SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), RequestOptions())]
+        for i, n in enumerate([4, 1, 3, 2, 5])
+    ]
+    finished: list[int] = []
+    rolling = run_rolling(loop, items, window=2, admitting=lambda: not finished)
+    for index, completions in rolling:
+        finished.append(index)
+        assert completions[0].completion_tokens == items[index][0][1].max_tokens
+    # Items 0 and 1 were in flight when item 1 ended and the drain began: 0 still finishes, 2-4 never start.
+    assert finished == [1, 0]
+    assert not loop.core.has_work
