@@ -308,6 +308,26 @@ def outcomes(
     return points
 
 
+def member_rates(
+    questions: Sequence[GenerationQuestion], records: dict[tuple[str, str], dict[str, Any]], names: list[str]
+) -> dict[str, dict[str, list[int]]]:
+    """Member -> {"greedy": [right, answers], "sample": [right, answers]} over the recorded samples
+    parts: whether one sampled answer is better or worse than the greedy one is what decides if
+    voting over samples can beat greedy decoding at all."""
+    rates = {name: {"greedy": [0, 0], "sample": [0, 0]} for name in names}
+    for q in questions:
+        record = records.get((q.id, "samples"))
+        if record is None:
+            continue
+        for name in names:
+            entry = record["members"][name]
+            rates[name]["greedy"][0] += record["correct"][entry["greedy"]]
+            rates[name]["greedy"][1] += 1
+            rates[name]["sample"][0] += sum(record["correct"][t] for t in entry["samples"])
+            rates[name]["sample"][1] += len(entry["samples"])
+    return rates
+
+
 def curves(points: dict[str, dict[int, dict[str, bool]]]) -> dict[str, dict[int, float]]:
     """Strategy -> {answers drawn per question: accuracy}, from `outcomes`."""
     return {
@@ -518,11 +538,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "members": names,
         "mux_tie_breaker": accuracy,
         "questions_per_strategy": answered,
+        "right_per_answer": member_rates(questions, reported, names),
         "curves": lines,
         "against_best_greedy": tests,
     }
     (args.out / f"{args.task}.json").write_text(json.dumps(summary, indent=2) + "\n")
     chart(args.out / f"{args.task}.png", args.task, lines, len(questions), names, answered)
+    for name, kinds in summary["right_per_answer"].items():
+        print(f"  {name:>16}: " + "  ".join(f"{kind} {right}/{n}" for kind, (right, n) in kinds.items()))
     for strategy, values in lines.items():
         print(f"  {strategy:>16}: " + "  ".join(f"{x}: {100 * v:.1f}" for x, v in values.items()))
         for x, test in tests.get(strategy, {}).items():

@@ -225,3 +225,18 @@ def test_a_draining_run_finishes_the_items_in_flight_and_starts_no_more(tiny_mod
     # Items 0 and 1 were in flight when item 1 ended and the drain began: 0 still finishes, 2-4 never start.
     assert finished == [1, 0]
     assert not loop.core.has_work
+
+
+def test_member_rates_count_greedy_and_sampled_answers_apart() -> None:
+    from bench.answer_curves import member_rates
+
+    record = {
+        "members": {
+            "a": {"greedy": "= 7", "samples": ["= 7", "= 3", "= 3"]},
+            "b": {"greedy": "= 3", "samples": ["= 7", "= 7", "= 7"]},
+        },
+        "correct": {"= 3": False, "= 7": True},
+    }
+    questions = [_question("q1"), _question("q2")]  # q2 has no record: counted nowhere
+    rates = member_rates(questions, {("q1", "samples"): record}, ["a", "b"])
+    assert rates == {"a": {"greedy": [1, 1], "sample": [1, 3]}, "b": {"greedy": [0, 1], "sample": [3, 3]}}
