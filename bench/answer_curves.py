@@ -415,7 +415,7 @@ def read_log(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """The records of a JSONL log, the later line winning for the same (question, part).
 
     A last line with no newline is a record torn mid-write (the run was killed, or the log was
-    committed while a ~30 kB line was being flushed): it is cut off the file, so the run redoes
+    committed while a ~12 kB line was being flushed): it is cut off the file, so the run redoes
     that part and its next line does not land glued to the torn one.
     """
     records: dict[tuple[str, str], dict[str, Any]] = {}
@@ -431,7 +431,6 @@ def read_log(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
             record = json.loads(line)
             records[(record["id"], record["part"])] = record
     return records
-
 
 
 def ensemble(args: argparse.Namespace) -> EnsembleConfig:
