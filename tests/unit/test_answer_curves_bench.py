@@ -7,7 +7,15 @@ import json
 import pytest
 
 import bench.answer_curves as answer_curves
-from bench.answer_curves import against_best_greedy, curves, outcomes, tie_breaker
+from bench.answer_curves import (
+    against_best_greedy,
+    curves,
+    member_rates,
+    outcomes,
+    read_log,
+    run_rolling,
+    tie_breaker,
+)
 from consort.runtime.config import parse_config
 from consort.runtime.evaluation.specs import GenerationQuestion
 from consort.runtime.loop import EnsembleLoop
@@ -47,7 +55,6 @@ def test_vote_mux_and_each_member_alone_pick_by_agreement() -> None:
 
 def test_rolling_window_returns_every_item_with_its_own_completions(tiny_models) -> None:
     """Items finish out of order and are refilled; each item's completions are its own requests'."""
-    from bench.answer_curves import run_rolling
     from consort.runtime.prompts import Prompt
     from consort.runtime.sampling import SamplingParams
     from consort.runtime.types import RequestOptions
@@ -164,8 +171,7 @@ def test_more_samples_extend_the_recorded_ones_and_equal_drawing_them_at_once(
     common = ["--config", str(config), "--task", "gsm8k_chat", "--limit", "2", "--max-tokens", "3", "--parts", "samples"]
 
     def last_records(out) -> dict[str, dict]:
-        lines = [json.loads(line) for line in (out / "gsm8k_chat.jsonl").read_text().splitlines()]
-        return {r["id"]: r for r in lines}
+        return {qid: record for (qid, _), record in read_log(out / "gsm8k_chat.jsonl").items()}
 
     extended, at_once = tmp_path / "extended", tmp_path / "at_once"
     answer_curves.main([*common, "--samples", "1,2", "--out", str(extended)])  # 1 sample per member
@@ -187,8 +193,6 @@ def test_more_samples_extend_the_recorded_ones_and_equal_drawing_them_at_once(
 def test_a_torn_last_line_is_cut_off_and_the_next_record_starts_on_its_own_line(tmp_path) -> None:
     """A log committed or killed mid-write ends in half a record: reading drops it from the file, so the
     part is redone and appending does not glue the next record onto the torn one."""
-    from bench.answer_curves import read_log
-
     log = tmp_path / "gsm8k_chat.jsonl"
     first = {"id": "q1", "part": "samples", "tokens": 1}
     later = {"id": "q1", "part": "samples", "tokens": 2}
@@ -207,7 +211,6 @@ def test_a_torn_last_line_is_cut_off_and_the_next_record_starts_on_its_own_line(
 
 
 def test_a_draining_run_finishes_the_items_in_flight_and_starts_no_more(tiny_models) -> None:
-    from bench.answer_curves import run_rolling
     from consort.runtime.prompts import Prompt
     from consort.runtime.sampling import SamplingParams
     from consort.runtime.types import RequestOptions
@@ -228,8 +231,6 @@ def test_a_draining_run_finishes_the_items_in_flight_and_starts_no_more(tiny_mod
 
 
 def test_member_rates_count_greedy_and_sampled_answers_apart() -> None:
-    from bench.answer_curves import member_rates
-
     record = {
         "members": {
             "a": {"greedy": "= 7", "samples": ["= 7", "= 3", "= 3"]},
