@@ -48,7 +48,7 @@ from typing import Any
 from consort.runtime.answers import cut_at_stop
 from consort.runtime.config import EnsembleConfig, load_config, members_config
 from consort.runtime.cot_decoding import best_paths
-from consort.runtime.evaluation.metrics import run_code, score_generation
+from consort.runtime.evaluation.metrics import behaviour_keys, run_code, score_generation
 from consort.runtime.evaluation.questions import question_seed
 from consort.runtime.evaluation.registry import load_task
 from consort.runtime.evaluation.report import sign_test
@@ -124,6 +124,22 @@ def params_of(question: GenerationQuestion, temperature: float, seed: int | None
     return SamplingParams(
         temperature=temperature, max_tokens=question.max_tokens, stop=question.stop, seed=seed
     )
+
+
+def behaviours(
+    questions: Sequence[GenerationQuestion], records: dict[tuple[str, str], dict[str, Any]]
+) -> dict[str, dict[str, str | None]]:
+    """Code questions: question id -> each distinct sampled text -> its behaviour key on the prompt's example
+    calls (`behaviour_keys`: the inputs the prompt shows, never the task's tests). Run at report time,
+    once per distinct text, so logs recorded before behaviour voting existed are voted on too."""
+    found: dict[str, dict[str, str | None]] = {}
+    for q in questions:
+        record = records.get((q.id, "samples"))
+        if q.answer_kind != "code" or record is None:
+            continue
+        texts = list(record["correct"])
+        found[q.id] = dict(zip(texts, behaviour_keys(q, texts), strict=True))
+    return found
 
 
 def correctness(question: GenerationQuestion, texts: Sequence[str]) -> dict[str, bool]:
@@ -224,14 +240,24 @@ def _selectable(question: GenerationQuestion, text: str) -> str:
     return cut_at_stop(text, question.stop) if question.answer_kind == "code" else text
 
 
+def _keys(key: dict[str, str | None] | None, texts: Sequence[str]) -> list[str | None] | None:
+    return None if key is None else [key[t] for t in texts]
+
+
 def outcomes(
     questions: Sequence[GenerationQuestion],
     records: dict[tuple[str, str], dict[str, Any]],
     names: list[str],
     grid: Sequence[int],
     accuracy: dict[str, float],
+    behaviour: dict[str, dict[str, str | None]] | None = None,
 ) -> dict[str, dict[int, dict[str, bool]]]:
-    """Strategy -> {answers drawn per question: {question id: right}}, over the questions each part has."""
+    """Strategy -> {answers drawn per question: {question id: right}}, over the questions each part has.
+
+    behaviour (code): question id -> sampled text -> its behaviour key (`behaviours`); each of the
+    samples part's vote and mux lines gets a twin "... by behaviour" that votes on those keys.
+    """
+    behaviour = behaviour or {}
     m = len(names)
     ks = sorted({max(1, n // m) for n in grid})
     points: dict[str, dict[int, dict[str, bool]]] = {}
@@ -248,30 +274,39 @@ def outcomes(
             for name in names:
                 add(f"{name} greedy", 1, correct[members[name]["greedy"]])
             recorded = recorded_samples(samples)
-            for n in grid:
-                if math.ceil(n / m) > recorded:
-                    continue  # this question's record has fewer samples: rerun the command to extend it
-                drawn = [members[names[i % m]]["samples"][i // m] for i in range(n)]
-                chosen = select_answer([_selectable(q, t) for t in drawn], kind=kind)
-                add("vote", n, correct[drawn[chosen.index]])
-            # Each member voting over its own samples (self-consistency): what the ensemble's
-            # lines must beat at the same number of answers to be worth more than its best member.
-            for name in names:
-                texts = members[name]["samples"]
+            keyed = behaviour.get(q.id)
+            # (line suffix, each text's key): the text's own rule, then (code) its behaviour.
+            rules: list[tuple[str, dict[str, str | None] | None]] = [("", None)]
+            if keyed is not None:
+                rules.append((" by behaviour", keyed))
+            for suffix, key in rules:
                 for n in grid:
-                    if n <= len(texts):
-                        chosen = select_answer([_selectable(q, t) for t in texts[:n]], kind=kind)
-                        add(f"vote {name} alone", n, correct[texts[chosen.index]])
-            for k in ks:
-                if k > recorded:
-                    continue
-                own = {name: members[name]["samples"][:k] for name in names}
-                mux = select_member(
-                    {name: [_selectable(q, t) for t in texts] for name, texts in own.items()},
-                    kind=kind,
-                    accuracy=accuracy,
-                )
-                add("mux", k * m, correct[own[mux.member][mux.index]])
+                    if math.ceil(n / m) > recorded:
+                        continue  # this question's record has fewer samples: rerun the command to extend it
+                    drawn = [members[names[i % m]]["samples"][i // m] for i in range(n)]
+                    chosen = select_answer([_selectable(q, t) for t in drawn], kind=kind, keys=_keys(key, drawn))
+                    add(f"vote{suffix}", n, correct[drawn[chosen.index]])
+                # Each member voting over its own samples (self-consistency): what the ensemble's
+                # lines must beat at the same number of answers to be worth more than its best member.
+                for name in names:
+                    texts = members[name]["samples"]
+                    for n in grid:
+                        if n <= len(texts):
+                            chosen = select_answer(
+                                [_selectable(q, t) for t in texts[:n]], kind=kind, keys=_keys(key, texts[:n])
+                            )
+                            add(f"vote {name} alone{suffix}", n, correct[texts[chosen.index]])
+                for k in ks:
+                    if k > recorded:
+                        continue
+                    own = {name: members[name]["samples"][:k] for name in names}
+                    mux = select_member(
+                        {name: [_selectable(q, t) for t in texts] for name, texts in own.items()},
+                        kind=kind,
+                        accuracy=accuracy,
+                        keys=None if key is None else {name: [key[t] for t in texts] for name, texts in own.items()},
+                    )
+                    add(f"mux{suffix}", k * m, correct[own[mux.member][mux.index]])
         cot = records.get((q.id, "cot"))
         if cot is not None:
             correct = cot["correct"]
@@ -527,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Report what --parts names: other parts' records (e.g. CoT-decoding on fewer questions) stay in
     # the JSONL for the run that asks for them.
     reported = {key: record for key, record in records.items() if key[1] in parts}
-    points = outcomes(questions, reported, names, args.samples, accuracy)
+    points = outcomes(questions, reported, names, args.samples, accuracy, behaviours(questions, reported))
     lines = curves(points)
     tests = against_best_greedy(points)
     answered = {strategy: max(len(oks) for oks in xs.values()) for strategy, xs in points.items()}

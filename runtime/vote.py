@@ -46,10 +46,11 @@ class VoteResult(BaseModel):
     index: int = Field(description="Index, in the input, of the answer returned.")
     answer: str = Field(
         description="The winning extracted answer (canonical number, choice letter or normalised span); "
-        "for the similarity method, the chosen answer's full text."
+        "for the similarity method and for caller-given keys, the chosen answer's full text."
     )
     counts: dict[str, int] = Field(
-        description="Votes per extracted answer, in order of first appearance; empty for the similarity method."
+        description="Votes per extracted answer (or caller-given key), in order of first appearance; empty for the "
+        "similarity method."
     )
     method: Literal["majority", "similarity"] = Field(
         description="'majority' when at least one answer had an extractable answer; 'similarity' for free text, "
@@ -128,8 +129,13 @@ def select_answer(
     kind: VoteKind,
     n_choices: int | None = None,
     embedder: Embedder | None = None,
+    keys: Sequence[str | None] | None = None,
 ) -> VoteResult:
     """The answer most similar to the others.
+
+    keys: the caller's own vote key per answer (code: its behaviour on the prompt's example
+    calls, `consort.runtime.code_behaviour`), used instead of the kind's extractor: a majority
+    over the keys, answers with None not voting; when no answer has a key, the kind's own rule.
 
     number / choice / span: each answer is reduced to its extracted answer
     (`extract_number`, `extract_choice_letter`, the normalised first line);
@@ -143,6 +149,12 @@ def select_answer(
     """
     if not answers:
         raise InvalidRequest("select_answer needs at least one answer")
+    if keys is not None:
+        if len(keys) != len(answers):
+            raise InvalidRequest(f"{len(keys)} vote keys for {len(answers)} answers")
+        result = _majority(list(keys))
+        if result is not None:
+            return result.model_copy(update={"answer": answers[result.index]})
     if kind != "free":
         extract = _extractor(kind, n_choices)
         result = _majority([extract(a) for a in answers])
@@ -219,6 +231,25 @@ def _closed_agreement(
     )
 
 
+def _keyed_agreement(
+    member: str, samples: Sequence[str], keys: Sequence[str | None], accuracy: float | None
+) -> MemberAgreement:
+    result = _majority(list(keys))
+    if result is None:
+        return MemberAgreement(
+            member=member, samples=len(samples), agreement=0.0, index=None, answer=None, accuracy=accuracy
+        )
+    # A key is the caller's digest (of a behaviour): the member's answer is its sample's text.
+    return MemberAgreement(
+        member=member,
+        samples=len(samples),
+        agreement=result.counts[result.answer] / len(samples),
+        index=result.index,
+        answer=samples[result.index],
+        accuracy=accuracy,
+    )
+
+
 def _similarity_agreement(
     member: str, samples: Sequence[str], embedder: Embedder | None, accuracy: float | None
 ) -> MemberAgreement:
@@ -247,6 +278,7 @@ def select_member(
     n_choices: int | None = None,
     accuracy: dict[str, float] | None = None,
     embedder: Embedder | None = None,
+    keys: dict[str, Sequence[str | None]] | None = None,
 ) -> MuxResult:
     """SLM-MUX's selection: the member whose own samples agree most, and its majority answer.
 
@@ -254,7 +286,9 @@ def select_member(
     extracted answer (ties inside a member to the earliest first occurrence, as `select_answer`); if no
     sample of any member has an extractable answer, the free-text rule decides and says so.
     free: a member's agreement is the mean pairwise cosine similarity of its samples, its answer the
-    most central one. Members tied on agreement (within 1e-6) are told apart by `accuracy` (their dev
+    most central one. keys: the caller's own vote key per sample of each member (as `select_answer`),
+    counted like extracted answers; when no sample of any member has a key, the kind's own rule. Members
+    tied on agreement (within 1e-6) are told apart by `accuracy` (their dev
     accuracy; higher wins; a member without one ranks below those with one), then by the order given.
     """
     if not samples or any(not s for s in samples.values()):
@@ -265,7 +299,13 @@ def select_member(
         raise InvalidRequest(f"dev accuracy given for {', '.join(sorted(unknown))}, which gave no samples")
     method: Literal["majority", "similarity"] = "similarity"
     agreements: list[MemberAgreement] = []
-    if kind != "free":
+    if keys is not None:
+        if set(keys) != set(samples) or any(len(keys[m]) != len(s) for m, s in samples.items()):
+            raise InvalidRequest("mux needs one vote key per sample of every member")
+        agreements = [_keyed_agreement(m, s, keys[m], accuracy.get(m)) for m, s in samples.items()]
+        if any(a.index is not None for a in agreements):
+            method = "majority"
+    if method == "similarity" and kind != "free":
         extract = _extractor(kind, n_choices)
         agreements = [_closed_agreement(m, s, extract, accuracy.get(m)) for m, s in samples.items()]
         if any(a.index is not None for a in agreements):

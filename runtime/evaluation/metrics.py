@@ -17,6 +17,7 @@ from consort.runtime.answers import (
     normalize_answer,
     numbers_equal,
 )
+from consort.runtime.code_behaviour import behaviour_harness, behaviour_key, example_calls
 from consort.runtime.errors import ConfigError, InvalidRequest
 from consort.runtime.evaluation.sandbox import ExecutionResult, SandboxLimits, run_many, run_python
 from consort.runtime.evaluation.specs import (
@@ -123,6 +124,26 @@ def run_code(
 ) -> list[ExecutionResult]:
     """Each output's program run against the question's tests in the sandbox (a separate process each)."""
     return run_many([code_program(question, o) for o in outputs], limits, workers=workers)
+
+
+def behaviour_keys(
+    question: GenerationQuestion,
+    outputs: Sequence[str],
+    limits: SandboxLimits | None = None,
+    *,
+    workers: int = 2,
+) -> list[str | None]:
+    """Each output's vote key by behaviour (`code_behaviour`): its results on the calls the question's prompt
+    shows, never on the task's tests. All None when the prompt shows no call of the entry point.
+    """
+    if question.code is None or question.code.entry_point is None:
+        raise InvalidRequest(f"{question.task}/{question.id} names no function to run on its examples")
+    calls = example_calls(question.prompt, question.code.entry_point)
+    if not calls:
+        return [None] * len(outputs)
+    harness = behaviour_harness(calls)
+    programs = [question.code.program(cut_at_stop(o, question.stop), tests=harness) for o in outputs]
+    return [behaviour_key(r.stdout) for r in run_many(programs, limits, workers=workers)]
 
 
 def pass_at_k(n: int, correct: int, k: int) -> float:

@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 NOBODY = 65534
 _TAIL = 2048
+_STDOUT_TAIL = 64 << 10
 
 Outcome = Literal["passed", "failed", "timeout", "cpu_limit", "memory_limit", "blocked"]
 
@@ -92,6 +93,9 @@ class ExecutionResult(BaseModel):
     detail: str = Field(description="The last line of stderr, or what ended the run.")
     seconds: float = Field(description="Wall-clock seconds the run took.")
     returncode: int | None = Field(description="The child's exit status (negative: killed by that signal).")
+    stdout: str = Field(
+        default="", description="The last 64 KiB of what the program printed (a harness reports its findings there)."
+    )
 
     @property
     def passed(self) -> bool:
@@ -241,11 +245,11 @@ def describe() -> str:
     return f"sandbox: network namespace via {net}; {drop}; audit hook, rlimits, wall-clock kill always"
 
 
-def _tail(path: Path) -> str:
+def _tail(path: Path, limit: int = _TAIL) -> str:
     with path.open("rb") as handle:
         handle.seek(0, os.SEEK_END)
         size = handle.tell()
-        handle.seek(max(0, size - _TAIL))
+        handle.seek(max(0, size - limit))
         return handle.read().decode("utf-8", "replace")
 
 
@@ -321,7 +325,8 @@ def run_python(program: str, limits: SandboxLimits | None = None) -> ExecutionRe
         seconds = time.perf_counter() - started
         stderr = _tail(scratch / "stderr")
         passed = result_path.read_bytes() == token.encode()
-        return _result(process.returncode, passed, timed_out, stderr, seconds, limits)
+        result = _result(process.returncode, passed, timed_out, stderr, seconds, limits)
+        return result.model_copy(update={"stdout": _tail(scratch / "stdout", _STDOUT_TAIL)})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -101,10 +101,11 @@ class CodeCheck(BaseModel):
     tests: str = Field(description="Code run after the completion; it raises (an assert) when the program is wrong.")
     entry_point: str | None = Field(default=None, description="The function under test, where the task names one.")
 
-    def program(self, completion: str) -> str:
+    def program(self, completion: str, tests: str | None = None) -> str:
+        """`prefix + completion`, then `tests` (default: the task's own)."""
         # A whole program (no prefix) starts at column 0; models often open it with a space or a blank line.
         body = completion if self.prefix else completion.lstrip()
-        return f"{self.prefix}{body}\n\n{self.tests}\n"
+        return f"{self.prefix}{body}\n\n{self.tests if tests is None else tests}\n"
 
 
 class GenerationQuestion(BaseModel):

@@ -241,3 +241,30 @@ def test_member_rates_count_greedy_and_sampled_answers_apart() -> None:
     questions = [_question("q1"), _question("q2")]  # q2 has no record: counted nowhere
     rates = member_rates(questions, {("q1", "samples"): record}, ["a", "b"])
     assert rates == {"a": {"greedy": [1, 1], "sample": [1, 3]}, "b": {"greedy": [0, 1], "sample": [3, 3]}}
+
+
+def test_behaviour_lines_vote_on_the_keys_and_the_plain_lines_stay_as_they_were() -> None:
+    # Texts a0..b2 (all giving different numbers); the behaviour keys group a0, b1 and b0, a1 apart.
+    record = {
+        "members": {
+            "a": {"greedy": "= 1", "samples": ["= 10", "= 11", "= 12"]},
+            "b": {"greedy": "= 2", "samples": ["= 20", "= 21", "= 22"]},
+        },
+        "correct": {"= 1": False, "= 2": False, "= 10": False, "= 11": False, "= 12": True,
+                    "= 20": False, "= 21": True, "= 22": True},
+    }
+    keys: dict[str, str | None] = {"= 1": None, "= 2": None, "= 10": "=x", "= 11": None, "= 12": "=y",
+                                   "= 20": None, "= 21": "=y", "= 22": "=y"}
+    records = {("q1", "samples"): record}
+    plain = curves(outcomes([_question("q1")], records, ["a", "b"], [1, 3, 4, 6], {}))
+    both = curves(outcomes([_question("q1")], records, ["a", "b"], [1, 3, 4, 6], {}, {"q1": keys}))
+    assert {k: v for k, v in both.items() if "by behaviour" not in k} == plain
+    # Drawn in turn a0, b0, a1, b1, a2, b2: n=1 and n=3 =x alone (wrong); n=4 =x against =y: a tie, the
+    # earliest (a0) wins; n=6 =y three times.
+    assert both["vote by behaviour"] == {1: 0.0, 3: 0.0, 4: 0.0, 6: 1.0}
+    # b alone: n=1 b0 has no key, so the number rule picks it (wrong); n=3 =y twice (b1, right).
+    assert both["vote b alone by behaviour"] == {1: 0.0, 3: 1.0}
+    assert both["vote a alone by behaviour"] == {1: 0.0, 3: 0.0}  # =x and =y tie: the earliest
+    # mux: k=1 a (=x, agreement 1) against b (no key); k=2 a tie at 1/2, member order; k=3 b's =y, =y
+    # (2/3) beats a's 1/3: its first =y answer, b1, is right.
+    assert both["mux by behaviour"] == {2: 0.0, 4: 0.0, 6: 1.0}
