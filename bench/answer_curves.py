@@ -240,6 +240,9 @@ def _selectable(question: GenerationQuestion, text: str) -> str:
     return cut_at_stop(text, question.stop) if question.answer_kind == "code" else text
 
 
+BEHAVIOUR_SUFFIX = " by behaviour"
+
+
 def _keys(key: dict[str, str | None] | None, texts: Sequence[str]) -> list[str | None] | None:
     return None if key is None else [key[t] for t in texts]
 
@@ -278,7 +281,7 @@ def outcomes(
             # (line suffix, each text's key): the text's own rule, then (code) its behaviour.
             rules: list[tuple[str, dict[str, str | None] | None]] = [("", None)]
             if keyed is not None:
-                rules.append((" by behaviour", keyed))
+                rules.append((BEHAVIOUR_SUFFIX, keyed))
             for suffix, key in rules:
                 for n in grid:
                     if math.ceil(n / m) > recorded:
@@ -421,12 +424,17 @@ def chart(
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     greedy = {s: v for s, v in lines.items() if s.endswith(" greedy")}
+    colours: dict[str, str] = {}
     for strategy, values in lines.items():
         if strategy in greedy:
             continue
         xs = sorted(values)
         label = strategy if answered[strategy] == questions else f"{strategy} ({answered[strategy]} questions)"
-        axes.plot(xs, [100 * values[x] for x in xs], marker="o", label=label)
+        # A "by behaviour" twin keeps its strategy's colour, dashed, so the two selections pair up by eye.
+        base = strategy.removesuffix(BEHAVIOUR_SUFFIX)
+        style = {"linestyle": "--", "marker": "s"} if base != strategy else {"marker": "o"}
+        (line,) = axes.plot(xs, [100 * values[x] for x in xs], label=label, color=colours.get(base), **style)
+        colours.setdefault(base, line.get_color())
     if greedy:
         best_name, best = max(greedy.items(), key=lambda kv: kv[1][1])
         axes.axhline(100 * best[1], linestyle="--", color="grey", label=f"best member greedy ({best_name})")
