@@ -29,7 +29,10 @@ What runs per question (M members, N = the largest of --samples):
 
 Scoring never feeds selection: GSM8K compares the extracted number with the gold one;
 HumanEval runs every distinct completion once in the sandbox, and a strategy is right when
-the completion it *selected* (by similarity, `vote_kind` free) passes.
+the completion it *selected* (by similarity, `vote_kind` free) passes. Code questions also get
+each samples line's twin "... by behaviour": completions vote together when they return the same
+on the calls the prompt shows (`consort.runtime.code_behaviour`), run once more in the sandbox
+without the task's tests.
 """
 
 from __future__ import annotations
