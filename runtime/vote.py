@@ -213,39 +213,30 @@ class MuxResult(BaseModel):
     members: list[MemberAgreement] = Field(description="Every member's agreement, in the order given.")
 
 
-def _closed_agreement(
-    member: str, samples: Sequence[str], extract: Callable[[str], str | None], accuracy: float | None
+def _majority_agreement(
+    member: str,
+    samples: Sequence[str],
+    keys: Sequence[str | None],
+    accuracy: float | None,
+    *,
+    answer_is_text: bool,
 ) -> MemberAgreement:
-    result = _majority([extract(s) for s in samples])
-    if result is None:
-        return MemberAgreement(
-            member=member, samples=len(samples), agreement=0.0, index=None, answer=None, accuracy=accuracy
-        )
-    return MemberAgreement(
-        member=member,
-        samples=len(samples),
-        agreement=result.counts[result.answer] / len(samples),
-        index=result.index,
-        answer=result.answer,
-        accuracy=accuracy,
-    )
+    """A member's agreement as the share of its samples giving its most frequent key.
 
-
-def _keyed_agreement(
-    member: str, samples: Sequence[str], keys: Sequence[str | None], accuracy: float | None
-) -> MemberAgreement:
+    answer_is_text: the key is the caller's digest (of a behaviour), so the member's answer is its
+    sample's text; otherwise the key is the extracted answer itself.
+    """
     result = _majority(list(keys))
     if result is None:
         return MemberAgreement(
             member=member, samples=len(samples), agreement=0.0, index=None, answer=None, accuracy=accuracy
         )
-    # A key is the caller's digest (of a behaviour): the member's answer is its sample's text.
     return MemberAgreement(
         member=member,
         samples=len(samples),
         agreement=result.counts[result.answer] / len(samples),
         index=result.index,
-        answer=samples[result.index],
+        answer=samples[result.index] if answer_is_text else result.answer,
         accuracy=accuracy,
     )
 
@@ -302,12 +293,17 @@ def select_member(
     if keys is not None:
         if set(keys) != set(samples) or any(len(keys[m]) != len(s) for m, s in samples.items()):
             raise InvalidRequest("mux needs one vote key per sample of every member")
-        agreements = [_keyed_agreement(m, s, keys[m], accuracy.get(m)) for m, s in samples.items()]
+        agreements = [
+            _majority_agreement(m, s, keys[m], accuracy.get(m), answer_is_text=True) for m, s in samples.items()
+        ]
         if any(a.index is not None for a in agreements):
             method = "majority"
     if method == "similarity" and kind != "free":
         extract = _extractor(kind, n_choices)
-        agreements = [_closed_agreement(m, s, extract, accuracy.get(m)) for m, s in samples.items()]
+        agreements = [
+            _majority_agreement(m, s, [extract(x) for x in s], accuracy.get(m), answer_is_text=False)
+            for m, s in samples.items()
+        ]
         if any(a.index is not None for a in agreements):
             method = "majority"
     if method == "similarity":
