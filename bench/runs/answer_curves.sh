@@ -17,7 +17,7 @@
 #
 # 5 samples per member (x = 1, 3, 5, 10 answers) and each member's greedy answer: about 12 answers
 # per question: ~2 min a GSM8K question on session 24's 2-core machine, in bf16 with AVX512-BF16;
-# ~6 min in fp32 (session 33, ~3,700 tokens a question), ~4 min a HumanEval problem in fp32.
+# ~6 min in fp32 (session 33, ~3,900 tokens a question), ~4 min a HumanEval problem in fp32.
 cd "$(dirname "$0")/../.." || exit 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 TASKS="${TASKS:-gsm8k_chat humaneval}"
