@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 15, item 2: accuracy against answers per question for vote / mux / each member voting alone,
 # the two Qwen2.5-Coder members (CONFIG, default bench/runs/pair_configs/qwen-coders.yaml: fp32 on the
-# CPU; sessions 24-27 ran qwen-coders-bf16.yaml, 3.6x slower on an AVX2-only CPU). Resumable:
+# CPU; qwen-coders-bf16.yaml is 3.7x faster where `lscpu` lists avx512_bf16 and 3.6x slower on an
+# AVX2-only CPU, so a session extends the log of the dtype its CPU runs fast). Resumable:
 # every finished question is a line of $OUT/<task>.jsonl; rerun to go on.
 #
 # OUT defaults to bench/records/answer-curves/<config name>, which git tracks (one folder per
@@ -16,8 +17,8 @@
 #   TASKS="gsm8k_chat humaneval" LIMIT=100 CONSORT=bench/runs/frozen_consort.sh nohup nice -n 10 bash bench/runs/answer_curves.sh &
 #
 # 5 samples per member (x = 1, 3, 5, 10 answers) and each member's greedy answer: about 12 answers
-# per question: ~2 min a GSM8K question on session 24's 2-core machine, in bf16 with AVX512-BF16;
-# ~6 min in fp32 (session 33, ~3,900 tokens a question), ~4 min a HumanEval problem in fp32.
+# per question: ~1.6 min a GSM8K question in bf16 on a 2-core machine with AVX512-BF16 (sessions 24
+# and 34); ~6 min in fp32 (session 33, ~3,900 tokens a question), ~4 min a HumanEval problem in fp32.
 cd "$(dirname "$0")/../.." || exit 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 TASKS="${TASKS:-gsm8k_chat humaneval}"
